@@ -1,0 +1,109 @@
+"""The best-val checkpoint (everything sampling needs) and the resume state (everything training needs).
+
+Both are plain dicts of tensors, numbers and strings: written atomically, read with weights_only=True.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanogpt import files
+from nanogpt.config import ModelConfig
+from nanogpt.errors import UserError
+from nanogpt.model import GPT
+from nanogpt.tokenizer import Tokenizer, tokenizer_from_dict
+
+CHECKPOINT_FORMAT = 1
+RESUME_FORMAT = 1  # bump when the resume state's layout or the training trajectory's code changes
+
+
+def save_checkpoint(path: Path | str, model: GPT, tokenizer: Tokenizer, step: int, val_loss: float) -> None:
+    files.torch_save({
+        "format": CHECKPOINT_FORMAT,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model_config": dataclasses.asdict(model.cfg),
+        "vocab_size": model.vocab_size,
+        "tokenizer": tokenizer.to_dict(),
+        "step": step,
+        "val_loss": val_loss,
+    }, path)
+
+
+def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer, dict[str, Any]]:
+    """The model (in eval mode, on `device`), its tokenizer, and the checkpoint's step and val loss."""
+    ckpt = files.torch_load(path, "checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"checkpoint {path} is not a checkpoint of this project (format {CHECKPOINT_FORMAT}): "
+                        "retrain with `dvc repro train`")
+    try:
+        model = GPT(ModelConfig(**ckpt["model_config"]), ckpt["vocab_size"])
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise UserError(f"checkpoint {path} does not match the model code: {str(exc).splitlines()[0]}") from None
+    tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
+    if tokenizer.vocab_size != model.vocab_size:
+        raise UserError(f"checkpoint {path}: vocabulary of {tokenizer.vocab_size} tokens does not match the "
+                        f"model's {model.vocab_size}: retrain with `dvc repro train`")
+    return model.to(device).eval(), tokenizer, {"step": ckpt["step"], "val_loss": ckpt["val_loss"]}
+
+
+def resume_key(settings: dict[str, Any], data_files: list[Path]) -> str:
+    """A fingerprint of everything that shapes the training trajectory: params, data, code version."""
+    h = hashlib.sha256(json.dumps({"format": RESUME_FORMAT, **settings}, sort_keys=True, default=str).encode())
+    for path in data_files:
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()
+
+
+class ResumeStore:
+    """Resume state kept in a folder that is not a DVC output, so `dvc repro` does not delete it.
+
+    `state.pt` holds model, optimizers, RNGs, step and metric series; `best.pt` is a hard link to (or copy
+    of) the best checkpoint, which DVC deletes with the stage's outputs before a re-run.
+    """
+
+    def __init__(self, folder: Path | str) -> None:
+        self.folder = Path(folder)
+        self.state_path = self.folder / "state.pt"
+        self.best_path = self.folder / "best.pt"
+
+    def save(self, state: dict[str, Any], checkpoint: Path | None) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if checkpoint is not None and checkpoint.exists():
+            tmp = self.best_path.with_suffix(".tmp")
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(checkpoint, tmp)
+            except OSError:
+                shutil.copyfile(checkpoint, tmp)
+            os.replace(tmp, self.best_path)
+        files.torch_save(state, self.state_path)
+
+    def load(self, key: str) -> tuple[dict[str, Any] | None, str]:
+        """The saved state if it was made with `key`, else None; and a one-line reason for the user."""
+        if not self.state_path.exists():
+            return None, "no resume state: starting from step 0"
+        try:
+            state = files.torch_load(self.state_path, "resume state")
+        except UserError as exc:
+            return None, f"{exc}: starting from step 0"
+        if not isinstance(state, dict) or state.get("key") != key:
+            return None, "resume state was made with other params, data or code: starting from step 0"
+        return state, f"resuming from step {state['step']} ({self.state_path})"
+
+    def restore_checkpoint(self, checkpoint: Path) -> None:
+        """Put the best checkpoint saved with the state back at `checkpoint`."""
+        if self.best_path.exists():
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            tmp = checkpoint.with_name(f".{checkpoint.name}.restore")
+            shutil.copyfile(self.best_path, tmp)
+            os.replace(tmp, checkpoint)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

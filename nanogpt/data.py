@@ -1,0 +1,106 @@
+"""Token tensors, random training batches (drawn on the device, no host sync) and the exact validation pass."""
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from nanogpt import files
+from nanogpt.errors import UserError
+
+IGNORE = -100  # F.cross_entropy's default ignore_index
+
+
+def load_tokens(path: Path | str) -> Tensor:
+    """A 1-D integer tensor of token ids written by the encode stage."""
+    tokens = files.torch_load(path, "token file")
+    if not isinstance(tokens, Tensor) or tokens.dim() != 1 or tokens.is_floating_point():
+        raise UserError(f"token file {path} does not hold a 1-D tensor of token ids: rerun `dvc repro encode`")
+    return tokens
+
+
+def get_batch(tokens: Tensor, batch_size: int, block_size: int,
+              generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """`batch_size` random windows of `block_size` tokens and their next-token targets, on tokens' device."""
+    starts = torch.randint(len(tokens) - block_size, (batch_size,), device=tokens.device, generator=generator)
+    window = tokens[starts[:, None] + torch.arange(block_size + 1, device=tokens.device)].long()
+    return window[:, :-1], window[:, 1:]
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Every target of a token split exactly once, as (N, block_size) inputs and targets."""
+
+    x: Tensor
+    y: Tensor
+
+    @property
+    def num_targets(self) -> int:
+        return int((self.y != IGNORE).sum())
+
+
+def eval_windows(tokens: Tensor, block_size: int) -> EvalSet:
+    """Non-overlapping windows over `tokens`; a last window ending at the split's end scores only the tail
+    the others missed, so each of the len(tokens) - 1 targets counts once."""
+    n = len(tokens)
+    if n < block_size + 1:
+        raise UserError(f"model.block_size ({block_size}) needs at least {block_size + 1} tokens in the split, "
+                        f"which has {n}: lower model.block_size or raise encode.val_fraction")
+    full = (n - 1) // block_size
+    starts = list(range(0, full * block_size, block_size))
+    tail = (n - 1) - full * block_size
+    if tail:
+        starts.append(n - 1 - block_size)
+    idx = torch.tensor(starts)[:, None] + torch.arange(block_size + 1)
+    window = tokens[idx].long()
+    x, y = window[:, :-1], window[:, 1:].clone()
+    if tail:
+        y[-1, : block_size - tail] = IGNORE
+    return EvalSet(x, y)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: EvalSet, batch_size: int, autocast: contextlib.AbstractContextManager,
+             max_batches: int | None = None, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
+    """Sum of the loss in nats and the number of targets, over this rank's share of `data`.
+
+    Deterministic: the same windows in the same order every call. The caller all-reduces across ranks.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
+    batches = range(0, len(data.x), batch_size)
+    if max_batches is not None:
+        batches = batches[:max_batches]
+    for i in batches[rank::world_size]:
+        x = data.x[i : i + batch_size].to(device, non_blocking=True)
+        y = data.y[i : i + batch_size].to(device, non_blocking=True)
+        with autocast:
+            _, loss = model(x, y)
+        n = (y != IGNORE).sum()
+        total += loss.double() * n
+        count += n
+    model.train(was_training)
+    return total, count
+
+
+def bits_per_char(loss_per_token: float, tokens_per_char: float) -> float:
+    """Val loss in nats per token expressed as bits per character of the original text."""
+    return loss_per_token * tokens_per_char / math.log(2)
+
+
+def read_corpus(path: Path | str) -> str:
+    """The UTF-8 text at `path`; an empty or non-UTF-8 file is a UserError."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not valid UTF-8 (byte {exc.start}): give a UTF-8 text file") from None
+    if not text:
+        raise UserError(f"{path} is empty: check data.url")
+    return text

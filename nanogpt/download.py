@@ -1,0 +1,101 @@
+"""Fetch the corpus over http(s) or from a file:// URL, verify its sha256, and write it atomically."""
+
+import hashlib
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import requests
+
+from nanogpt import files
+from nanogpt.config import DataConfig
+from nanogpt.errors import UserError
+from nanogpt.progress import byte_progress
+
+CHUNK = 1 << 16
+
+
+class _Transient(Exception):
+    """A failure worth another attempt (timeout, dropped connection, HTTP 5xx, truncated body)."""
+
+
+def download(cfg: DataConfig, dest: Path | str) -> int:
+    """Write the verified file at `cfg.url` to `dest` and return its size in bytes.
+
+    Nothing is written unless every byte arrived and the sha256 matches; transient failures are retried
+    `cfg.retries` times with exponential backoff.
+    """
+    for attempt in range(cfg.retries + 1):
+        try:
+            return _fetch_once(cfg, Path(dest))
+        except _Transient as exc:
+            if attempt == cfg.retries:
+                raise UserError(f"{exc} (after {cfg.retries + 1} attempts); {_offline_hint()}") from None
+            wait = 2.0**attempt
+            print(f"{exc}; retrying in {wait:.0f} s", flush=True)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _offline_hint() -> str:
+    return "to work offline use a local copy: dvc exp run -S data.url=file:///path/to/input.txt"
+
+
+def _fetch_once(cfg: DataConfig, dest: Path) -> int:
+    digest = hashlib.sha256()
+    size = 0
+    with files.atomic_open(dest, "wb") as out:
+        for chunk in _chunks(cfg):
+            digest.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+        if digest.hexdigest() != cfg.sha256.lower():
+            raise UserError(f"sha256 of {cfg.url} is {digest.hexdigest()}, expected {cfg.sha256} (data.sha256): "
+                            "the file is not the expected corpus; nothing was written")
+    return size
+
+
+def _chunks(cfg: DataConfig) -> Iterator[bytes]:
+    if cfg.url.startswith("file://"):
+        yield from _file_chunks(cfg.url)
+    else:
+        yield from _http_chunks(cfg)
+
+
+def _file_chunks(url: str) -> Iterator[bytes]:
+    path = Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path))
+    if not path.is_file():
+        raise UserError(f"{path} not found (data.url={url}): point data.url at an existing file")
+    with path.open("rb") as f, byte_progress(f"reading {path.name}", path.stat().st_size) as advance:
+        while chunk := f.read(CHUNK):
+            advance(len(chunk))
+            yield chunk
+
+
+def _http_chunks(cfg: DataConfig) -> Iterator[bytes]:
+    host = urllib.parse.urlparse(cfg.url).netloc
+    try:
+        with requests.get(cfg.url, stream=True, timeout=cfg.timeout) as resp:
+            if resp.status_code >= 500:
+                raise _Transient(f"HTTP {resp.status_code} {resp.reason} from {cfg.url}")
+            if resp.status_code >= 400:
+                raise UserError(f"HTTP {resp.status_code} {resp.reason} for {cfg.url}: check data.url")
+            expected = int(resp.headers["Content-Length"]) if "Content-Length" in resp.headers else None
+            received = 0
+            with byte_progress(f"downloading {Path(cfg.url).name}", expected) as advance:
+                for chunk in resp.iter_content(CHUNK):
+                    received += len(chunk)
+                    advance(len(chunk))
+                    yield chunk
+            if expected is not None and received != expected:
+                raise _Transient(f"download of {cfg.url} was cut off at {received} of {expected} bytes")
+    except requests.exceptions.Timeout:
+        raise _Transient(f"no answer from {host} within {cfg.timeout:g} s (data.timeout)") from None
+    except requests.exceptions.ChunkedEncodingError:
+        raise _Transient(f"download of {cfg.url} was cut off") from None
+    except requests.exceptions.ConnectionError as exc:
+        if "timed out" in str(exc):
+            raise _Transient(f"no answer from {host} within {cfg.timeout:g} s (data.timeout)") from None
+        raise _Transient(f"cannot reach {host}: the network or host is unreachable") from None

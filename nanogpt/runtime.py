@@ -1,0 +1,56 @@
+"""Where and how the model runs: device, precision and compilation, resolved from params once."""
+
+import contextlib
+import sys
+
+import torch
+
+from nanogpt.errors import UserError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; asking for a device this machine lacks is a UserError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"train.device is {name!r} but this machine has no CUDA device: use auto or cpu")
+        index = int(name.split(":")[1]) if ":" in name else (local_rank or 0)
+        if index >= torch.cuda.device_count():
+            raise UserError(f"train.device is {name!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return torch.device("cuda", index)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("train.device is 'mps' but MPS is not available here: use auto or cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on CUDA where supported, else fp16 (with a grad scaler); fp32 off CUDA."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("train.dtype is bf16 but this GPU does not support it: use auto or fp16")
+    return DTYPES[name]
+
+
+def resolve_compile(setting: bool | str, device: torch.device) -> bool:
+    """`auto` compiles on CUDA under Linux, where torch.compile's Triton backend is at home."""
+    if setting == "auto":
+        return device.type == "cuda" and sys.platform.startswith("linux")
+    return bool(setting)
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for bf16/fp16; a no-op for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

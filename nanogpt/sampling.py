@@ -1,0 +1,84 @@
+"""The sample stage's work: load the checkpoint, check the prompt, generate, stream, write samples and speed."""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from nanogpt import files, runtime
+from nanogpt.checkpoint import load_checkpoint
+from nanogpt.config import SampleConfig
+from nanogpt.errors import UserError
+from nanogpt.generate import SamplingParams, generate
+from nanogpt.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass(frozen=True)
+class SampleRun:
+    checkpoint: Path
+    vocab: Path | None  # when given, the checkpoint's vocabulary must equal this one
+    output: Path | None
+    metrics: Path | None
+    device: str
+
+
+class TextStreamer:
+    """Prints the text of a growing token sequence; holds back a cut-off UTF-8 character (BPE) until complete."""
+
+    def __init__(self, tokenizer: Tokenizer, out: TextIO) -> None:
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def __call__(self, tokens: torch.Tensor) -> None:
+        self.ids.append(int(tokens[0]))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[self.printed :])
+        self.out.flush()
+        self.printed = len(text)
+
+
+def run_sampling(cfg: SampleConfig, run: SampleRun, stream: TextIO | None) -> list[str]:
+    """Generate cfg.num_samples texts; stream the first to `stream`, write all to run.output. Return them."""
+    device = runtime.resolve_device(run.device)
+    model, tokenizer, _ = load_checkpoint(run.checkpoint, device)
+    if run.vocab is not None and load_tokenizer(run.vocab).to_dict() != tokenizer.to_dict():
+        raise UserError(f"checkpoint {run.checkpoint} was trained with another vocabulary than {run.vocab}: "
+                        "rerun `dvc repro train`")
+    if not cfg.prompt:
+        raise UserError('sample.prompt is empty: give at least one character, e.g. --prompt "\\n"')
+    prompt = tokenizer.encode(cfg.prompt)
+    top_k = cfg.top_k
+    if top_k is not None and top_k > tokenizer.vocab_size:
+        print(f"note: sample.top_k ({top_k}) is larger than the vocabulary; clamped to {tokenizer.vocab_size}")
+        top_k = tokenizer.vocab_size
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    params = SamplingParams(cfg.temperature, top_k, cfg.top_p)
+    streamer = None
+    if stream is not None and cfg.num_samples == 1:
+        stream.write(cfg.prompt)
+        streamer = TextStreamer(tokenizer, stream)
+    started = time.perf_counter()
+    tokens = generate(model, prompt, cfg.num_tokens, cfg.num_samples, params, cfg.seed, on_tokens=streamer)
+    runtime.synchronize(device)
+    seconds = time.perf_counter() - started
+    texts = [cfg.prompt + tokenizer.decode(row) for row in tokens.tolist()]
+    if stream is not None:
+        stream.write("\n" if streamer is not None else _join(texts))
+    if run.output is not None:
+        files.write_text(run.output, _join(texts))
+    if run.metrics is not None:
+        files.write_json(run.metrics, {"tokens_per_sec": round(cfg.num_tokens * cfg.num_samples / max(seconds, 1e-9)),
+                                       "num_tokens": cfg.num_tokens, "num_samples": cfg.num_samples})
+    return texts
+
+
+def _join(texts: list[str]) -> str:
+    if len(texts) == 1:
+        return texts[0] + "\n"
+    return "".join(f"=== sample {i + 1} ===\n{text}\n" for i, text in enumerate(texts))
