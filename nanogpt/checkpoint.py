@@ -83,6 +83,9 @@ class ResumeStore:
             except OSError:
                 shutil.copyfile(checkpoint, tmp)
             os.replace(tmp, self.best_path)
+            tmp.unlink(missing_ok=True)  # rename() is a no-op when both names link the same file
+        else:  # a best.pt left by an earlier run (other params) must not be restored with this state
+            self.best_path.unlink(missing_ok=True)
         files.torch_save(state, self.state_path)
 
     def load(self, key: str) -> tuple[dict[str, Any] | None, str]:

@@ -78,8 +78,12 @@ def evaluate(model: torch.nn.Module, data: EvalSet, batch_size: int, autocast: c
     if max_batches is not None:
         batches = batches[:max_batches]
     for i in batches[rank::world_size]:
-        x = data.x[i : i + batch_size].to(device, non_blocking=True)
-        y = data.y[i : i + batch_size].to(device, non_blocking=True)
+        x, y = data.x[i : i + batch_size], data.y[i : i + batch_size]
+        if len(x) < batch_size:  # pad the last batch: one shape for every batch, so nothing recompiles
+            pad = batch_size - len(x)
+            x = torch.cat([x, x.new_zeros(pad, x.size(1))])
+            y = torch.cat([y, y.new_full((pad, y.size(1)), IGNORE)])
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
             _, loss = model(x, y)
         n = (y != IGNORE).sum()
@@ -96,7 +100,10 @@ def bits_per_char(loss_per_token: float, tokens_per_char: float) -> float:
 
 def read_corpus(path: Path | str) -> str:
     """The UTF-8 text at `path`; an empty or non-UTF-8 file is a UserError."""
-    raw = Path(path).read_bytes()
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: run `dvc repro download` first") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -89,8 +89,10 @@ def _http_chunks(cfg: DataConfig) -> Iterator[bytes]:
                     received += len(chunk)
                     advance(len(chunk))
                     yield chunk
-            if expected is not None and received != expected:
-                raise _Transient(f"download of {cfg.url} was cut off at {received} of {expected} bytes")
+            # Content-Length counts the bytes on the wire, which differ from `received` when compressed
+            on_wire = resp.raw.tell()
+            if expected is not None and on_wire != expected:
+                raise _Transient(f"download of {cfg.url} was cut off at {on_wire} of {expected} bytes")
     except requests.exceptions.Timeout:
         raise _Transient(f"no answer from {host} within {cfg.timeout:g} s (data.timeout)") from None
     except requests.exceptions.ChunkedEncodingError:

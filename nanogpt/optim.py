@@ -35,8 +35,9 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -
         lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
     optimizers: list[torch.optim.Optimizer] = [adamw]
     if hidden:
-        optimizers.append(torch.optim.Muon([params[n] for n in sorted(hidden)], lr=cfg.muon_learning_rate,
-                                           weight_decay=cfg.weight_decay, momentum=0.95))
+        optimizers.append(BatchedMuon([params[n] for n in sorted(hidden)], lr=cfg.muon_learning_rate,
+                                      weight_decay=cfg.weight_decay, momentum=0.95,
+                                      cuda_graph=device.type == "cuda"))
     for opt in optimizers:
         for group in opt.param_groups:
             group["peak_lr"] = group["lr"]
@@ -47,3 +48,81 @@ def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["peak_lr"] * factor
+
+
+class BatchedMuon(torch.optim.Optimizer):
+    """torch.optim.Muon's update (Nesterov momentum, 5 Newton-Schulz steps, Keller Jordan's lr scaling),
+    run on all matrices of one shape at once, and on CUDA replayed as one CUDA graph.
+
+    torch.optim.Muon orthogonalizes one matrix at a time (~25 small kernels per matrix): on one H100 that
+    made a training step 2.6x slower than AdamW's. Batching the products and replaying the step as a
+    graph removes the launch overhead; the arithmetic is the same. The graph reads the gradients in
+    place, so callers must keep them allocated (`zero_grad(set_to_none=False)`).
+    """
+
+    def __init__(self, params: list[torch.Tensor], lr: float, weight_decay: float, momentum: float = 0.95,
+                 ns_steps: int = 5, cuda_graph: bool = False) -> None:
+        if any(p.dim() != 2 for p in params):
+            raise ValueError("BatchedMuon handles 2-D matrices only")
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "ns_steps": ns_steps})
+        self.cuda_graph = cuda_graph
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._eager_steps = 0
+        device = self.param_groups[0]["params"][0].device
+        self._lr = torch.zeros((), device=device)  # per-step values as tensors, so a graph can read them
+        self._decay = torch.zeros((), device=device)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._graph = None  # the graph points at the buffers that were just replaced
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        (group,) = self.param_groups
+        self._lr.fill_(group["lr"])
+        self._decay.fill_(1 - group["lr"] * group["weight_decay"])
+        params = [p for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        if self._graph is None and self.cuda_graph and self._eager_steps >= 2 and len(params) == len(group["params"]):
+            self._grads = [g.clone() for g in grads]
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._update(group, params, self._grads)
+        if self._graph is not None:
+            torch._foreach_copy_(self._grads, grads)
+            self._graph.replay()
+            return
+        self._update(group, params, grads)
+        self._eager_steps += 1
+
+    def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        by_shape: dict[torch.Size, list[int]] = {}
+        for i, p in enumerate(params):
+            by_shape.setdefault(p.shape, []).append(i)
+        for shape, index in by_shape.items():
+            same = [params[i] for i in index]
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in same]
+            grads_ = [grads[i] for i in index]
+            torch._foreach_lerp_(bufs, grads_, 1 - group["momentum"])
+            updates = torch._foreach_lerp(grads_, bufs, group["momentum"])  # Nesterov
+            ortho = newton_schulz(torch.stack(updates), group["ns_steps"]).to(same[0].dtype)
+            ortho.mul_(self._lr * -math.sqrt(max(1.0, shape[0] / shape[1])))
+            torch._foreach_mul_(same, self._decay)
+            torch._foreach_add_(same, list(ortho.unbind(0)))
+
+
+def newton_schulz(g: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately orthogonalize each matrix of the batch `g` (n, rows, cols).
+
+    In bfloat16 on GPUs, as torch.optim.Muon; in float32 on CPUs, where bfloat16 products are slow.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16() if g.is_cuda else g.float()
+    tall = g.size(-2) > g.size(-1)
+    if tall:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x

@@ -1,28 +1,33 @@
 """Where and how the model runs: device, precision and compilation, resolved from params once."""
 
 import contextlib
+import os
 import sys
 
 import torch
 
+from nanogpt.config import DEVICE_PATTERN
 from nanogpt.errors import UserError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; asking for a device this machine lacks is a UserError."""
+def resolve_device(name: str, local_rank: int | None = None, setting: str = "train.device") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; a malformed name or a device this machine lacks is a UserError
+    that names `setting` (the param or flag the name came from)."""
+    if not DEVICE_PATTERN.match(name):
+        raise UserError(f"{setting} must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UserError(f"train.device is {name!r} but this machine has no CUDA device: use auto or cpu")
+            raise UserError(f"{setting} is {name!r} but this machine has no CUDA device: use auto or cpu")
         index = int(name.split(":")[1]) if ":" in name else (local_rank or 0)
         if index >= torch.cuda.device_count():
-            raise UserError(f"train.device is {name!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise UserError(f"{setting} is {name!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
         return torch.device("cuda", index)
     if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("train.device is 'mps' but MPS is not available here: use auto or cpu")
+        raise UserError(f"{setting} is 'mps' but MPS is not available here: use auto or cpu")
     return torch.device(name)
 
 
@@ -49,6 +54,16 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seconds_since_launch() -> float | None:
+    """Wall time since this process started (Linux), so start-up (imports, CUDA init) shows in timings."""
+    try:
+        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def synchronize(device: torch.device) -> None:

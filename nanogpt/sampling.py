@@ -44,7 +44,7 @@ class TextStreamer:
 
 def run_sampling(cfg: SampleConfig, run: SampleRun, stream: TextIO | None) -> list[str]:
     """Generate cfg.num_samples texts; stream the first to `stream`, write all to run.output. Return them."""
-    device = runtime.resolve_device(run.device)
+    device = runtime.resolve_device(run.device, setting="--device")
     model, tokenizer, _ = load_checkpoint(run.checkpoint, device)
     if run.vocab is not None and load_tokenizer(run.vocab).to_dict() != tokenizer.to_dict():
         raise UserError(f"checkpoint {run.checkpoint} was trained with another vocabulary than {run.vocab}: "

@@ -12,7 +12,6 @@ from types import FrameType
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from nanogpt import data, distributed, runtime
 from nanogpt.checkpoint import ResumeStore, resume_key, save_checkpoint
@@ -90,7 +89,7 @@ class _Trainer:
                  dist_info: DistInfo, show_progress: bool) -> None:
         self.cfg, self.tc, self.paths = cfg, cfg.train, paths
         self.device, self.dtype, self.dist = device, dtype, dist_info
-        self.started = time.perf_counter()
+        self.started = time.perf_counter() - (runtime.seconds_since_launch() or 0.0)
         self.tokenizer = load_tokenizer(paths.data_dir / "vocab.json")
         train_tokens = data.load_tokens(paths.data_dir / "train.pt")
         val_tokens = data.load_tokens(paths.data_dir / "val.pt")
@@ -119,17 +118,26 @@ class _Trainer:
         self.key = resume_key(settings, data_files)
         self.progress = TrainProgress(self.tc.max_iters, 0, enabled=show_progress and dist_info.is_main)
         self._restore()
+        self.progress.message(f"{self.model.num_params() / 1e6:.2f}M parameters on {device} ({str(dtype)[6:]}), "
+                              f"{self.tokens_per_step:,} tokens per step, ready {self.elapsed():.1f} s after launch")
 
         self.ddp = None
         if dist_info.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel  # imports all of torch.distributed: seconds
+
             self.ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.compiled = runtime.resolve_compile(self.tc.compile, device)
         forward = self.ddp or self.model
-        self.forward = torch.compile(forward) if runtime.resolve_compile(self.tc.compile, device) else forward
+        self.forward = torch.compile(forward, mode=self.tc.compile_mode) if self.compiled else forward
         self.writer = None
         if self.tc.tensorboard and dist_info.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(paths.tensorboard_dir))
+
+    def elapsed(self) -> float:
+        """Seconds since the process was launched (plus the time of the runs this one resumes)."""
+        return time.perf_counter() - self.started
 
     def _restore(self) -> None:
         state, why = self.store.load(self.key)
@@ -159,7 +167,7 @@ class _Trainer:
             "model": self.model.state_dict(), "optimizers": [opt.state_dict() for opt in self.optimizers],
             "scaler": self.scaler.state_dict(), "batch_rng": self.batch_rng.get_state(),
             "cpu_rng": torch.get_rng_state(), "metrics": self.metrics.to_state(),
-            "elapsed": time.perf_counter() - self.started,
+            "elapsed": self.elapsed(),
         }
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
@@ -177,10 +185,15 @@ class _Trainer:
         with _StopFlag() as stop:
             while self.step < tc.max_iters:
                 if stop.signum is not None:
+                    # the state's series must reach self.step: the resumed run logs from there on
+                    self._check_finite(losses, norms, checked, self.step)
+                    self._log_train(losses, checked, self.step)
                     self._save_resume()
                     self.progress.close()
                     raise Interrupted(stop.signum, self.step)
                 set_lr(self.optimizers, lr_factor(self.step, tc))
+                if self.compiled:
+                    torch.compiler.cudagraph_mark_step_begin()
                 loss = self._accumulate_gradients()
                 for opt in self.optimizers:
                     self.scaler.unscale_(opt)
@@ -255,8 +268,7 @@ class _Trainer:
         total, count = distributed.all_reduce_sum(total, self.dist), distributed.all_reduce_sum(count, self.dist)
         val_loss = float(total / count)
         val_bpc = data.bits_per_char(val_loss, self.tokens_per_char)
-        elapsed = time.perf_counter() - self.started
-        self.metrics.val_rows.append((self.step, val_loss, val_bpc, elapsed))
+        self.metrics.val_rows.append((self.step, val_loss, val_bpc, self.elapsed()))
         if not math.isfinite(val_loss):
             raise UserError(f"validation loss is non-finite at step {self.step}; training stopped, "
                             f"{self.paths.checkpoint} is untouched: lower train.learning_rate")
@@ -288,8 +300,9 @@ class _Trainer:
             "steps": self.step,
             "tokens_per_step": self.tokens_per_step,
             "tokens_per_sec": round(tokens_per_sec),
-            "wall_time_s": round(time.perf_counter() - self.started, 2),
+            "wall_time_s": round(self.elapsed(), 2),
             "num_params": self.model.num_params(),
+            "peak_memory_mib": round(torch.cuda.max_memory_allocated(self.device) / 2**20) if self.device.type == "cuda" else None,
         }
 
 

@@ -6,7 +6,7 @@ import torch
 
 from nanogpt import files, stage
 from nanogpt.data import read_corpus
-from nanogpt.errors import exit_on_user_error
+from nanogpt.errors import UserError, exit_on_user_error
 from nanogpt.tokenizer import fit_tokenizer, save_tokenizer, split_text
 
 DATA = Path("data")
@@ -16,6 +16,9 @@ DATA = Path("data")
 def main() -> None:
     cfg = stage.config(stage.parser(__doc__).parse_args()).encode
     train_text, val_text = split_text(read_corpus(DATA / "input.txt"), cfg.val_fraction)
+    if cfg.tokenizer == "char" and (unseen := "".join(sorted(set(val_text) - set(train_text)))):
+        raise UserError(f"{DATA / 'input.txt'}: the validation split (the last {cfg.val_fraction:.0%}) has characters "
+                        f"the training split lacks, which the char vocabulary cannot encode: {unseen!r}")
     tokenizer = fit_tokenizer(cfg.tokenizer, train_text, cfg.vocab_size)
     train_ids = torch.tensor(tokenizer.encode(train_text), dtype=torch.int32)
     val_ids = torch.tensor(tokenizer.encode(val_text), dtype=torch.int32)

@@ -1,0 +1,86 @@
+"""Sampling benchmark: tokens/s of the KV-cached generator at several batch sizes, and of the full-context
+reference (nanoGPT's way) at batch 1, on the same card.
+
+    python -m benchmarks.sample --checkpoint out/ckpt.pt --name h100-sample
+
+Each setting runs three times: the first includes warm-up (CUDA graph capture, allocator), the third is
+reported as steady. Writes benchmarks/results/<name>.json.
+"""
+
+import argparse
+import functools
+import datetime
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from nanogpt.errors import exit_on_user_error
+from nanogpt import runtime
+from nanogpt.checkpoint import load_checkpoint
+from nanogpt.generate import SamplingParams, generate, generate_reference
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def timed(fn, device: torch.device) -> float:
+    runtime.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    runtime.synchronize(device)
+    return time.perf_counter() - start
+
+
+@exit_on_user_error
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=Path("out/ckpt.pt"))
+    p.add_argument("--name", required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-tokens", type=int, default=500)
+    p.add_argument("--batch-sizes", default="1,4,16,64")
+    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--compile", action="store_true", help="also time the cached generator with torch.compile")
+    p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the full-context reference at batch 1")
+    args = p.parse_args()
+
+    device = runtime.resolve_device(args.device)
+    model, tokenizer, _ = load_checkpoint(args.checkpoint, device)
+    dtype = "fp32"
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)
+        dtype = "bf16"
+    params = SamplingParams(temperature=1.0, top_k=args.top_k, top_p=None)
+    prompt = tokenizer.encode("\n")
+    rows = []
+    settings = [("kv-cache", int(b)) for b in args.batch_sizes.split(",")]
+    if args.compile:
+        settings += [("kv-cache+compile", int(b)) for b in args.batch_sizes.split(",")]
+    if args.reference:
+        settings.append(("reference", 1))
+    for kind, batch in settings:
+        fns = {"kv-cache": generate, "reference": generate_reference,
+               "kv-cache+compile": functools.partial(generate, compile=True)}
+        fn = fns[kind]
+        seconds = [timed(lambda: fn(model, prompt, args.num_tokens, batch, params, seed=i), device) for i in range(3)]
+        row = {"generator": kind, "batch": batch, "first_s": round(seconds[0], 3),
+               "first_tokens_per_sec": round(args.num_tokens * batch / seconds[0]),
+               "steady_tokens_per_sec": round(args.num_tokens * batch / seconds[2])}
+        rows.append(row)
+        print(row, flush=True)
+    result = {
+        "name": args.name, "date": datetime.date.today().isoformat(),
+        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "torch": torch.__version__, "dtype": dtype, "num_tokens": args.num_tokens, "top_k": args.top_k,
+        "command": f"python -m benchmarks.sample --checkpoint {args.checkpoint} --name {args.name}",
+        "rows": rows,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

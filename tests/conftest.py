@@ -1,0 +1,293 @@
+"""Shared fixtures: a generated corpus, a loopback HTTP server, and a tiny copy of the project in its own
+git + DVC repository, plus helpers that drive the real `dvc` and `git` CLIs in it.
+
+Nothing here touches the network: the pipeline's `data.url` points at a server on 127.0.0.1.
+
+    def test_something(project):                 # fresh copy, params committed, nothing run yet
+        result = dvc(project, "repro")
+        assert ran_stages(result) == {"download", "encode", "train", "sample"}
+
+    def test_other(reproduced_project):          # `dvc repro` already ran and its results are committed
+        ...
+
+Test modules import the helpers with `from conftest import dvc, git, ...` (pytest puts tests/ on sys.path).
+"""
+
+import hashlib
+import http.server
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# What a pipeline run needs, relative to the project root. Generated files (dvc.lock, data/*.pt, out/*,
+# metrics/*.json|tsv), caches and resume state are deliberately left out so every copy starts clean.
+PROJECT_FILES = (
+    "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore",
+    "data/.gitignore", "out/.gitignore", "metrics/README.md",
+)
+PROJECT_PACKAGES = ("stages", "nanogpt")
+
+# A model that trains in about a second on one CPU core; applied on top of the real params.yaml, so every
+# key the project adds later is still present with its real default.
+TINY_PARAMS: dict[str, Any] = {
+    "data.timeout": 10,
+    "data.retries": 0,
+    "model.block_size": 32,
+    "model.n_layer": 2,
+    "model.n_head": 2,
+    "model.n_embd": 32,
+    "model.dropout": 0.0,
+    "train.batch_size": 8,
+    "train.max_iters": 30,
+    "train.warmup_iters": 5,
+    "train.eval_interval": 10,
+    "train.eval_iters": 2,
+    "train.resume_interval": 10,
+    "train.device": "cpu",
+    "train.dtype": "fp32",
+    "train.compile": False,
+    "train.tensorboard": False,
+    "sample.num_tokens": 50,
+}
+
+STAGES = ("download", "encode", "train", "sample")
+
+_WORDS = (
+    "the and to of a my i you that in is not with me it for be his your this but he have as thou so him "
+    "will what thy all her no by do shall if are we thee our lord on good now love sir o king well would "
+    "come more they how or let here was hath then there than when man one which make say night sweet death "
+    "heart blood crown grace honour fair speak hear eyes heaven brother father queen gentle noble sword"
+).split()
+_SPEAKERS = ("ROMEO", "JULIET", "KING RICHARD", "QUEEN ELIZABETH", "FIRST CITIZEN", "MENENIUS", "NURSE",
+             "GLOUCESTER", "LADY ANNE", "PETRUCHIO")
+
+
+class Corpus(NamedTuple):
+    data: bytes
+    sha256: str
+
+
+def make_corpus(size: int = 40_000, seed: int = 0) -> bytes:
+    """A deterministic Shakespeare-like text of about `size` bytes: speakers, lines, punctuation (ASCII)."""
+    rng = random.Random(seed)
+    parts: list[str] = []
+    length = 0
+    while length < size:
+        speech = [f"{rng.choice(_SPEAKERS)}:"]
+        for _ in range(rng.randint(1, 4)):
+            words = rng.choices(_WORDS, k=rng.randint(4, 10))
+            if rng.random() < 0.3:
+                words[rng.randrange(len(words) - 1)] += rng.choice(",;")
+            speech.append(" ".join(words).capitalize() + rng.choice(".,!?;:"))
+        paragraph = "\n".join(speech) + "\n\n"
+        parts.append(paragraph)
+        length += len(paragraph)
+    return "".join(parts).encode("ascii")
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Corpus:
+    """The generated corpus (~40 KB) and its sha256, the same in every run."""
+    data = make_corpus()
+    return Corpus(data, hashlib.sha256(data).hexdigest())
+
+
+class LoopbackServer:
+    """An http.server on 127.0.0.1 (free port) in a daemon thread.
+
+    Serves `files` (URL path -> bytes, editable while running; anything else is a 404) and appends every
+    requested path to `requests`, so a test can check whether a stage really downloaded.
+    """
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = dict(files)
+        self.requests: list[str] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                owner.requests.append(self.path)
+                body = owner.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass  # keep pytest's output clean
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}{path}"
+
+    def __enter__(self) -> "LoopbackServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+
+
+@pytest.fixture(scope="session")
+def loopback_server(corpus: Corpus) -> Iterator[LoopbackServer]:
+    """The running server, serving the corpus at /input.txt (shared by the whole session)."""
+    with LoopbackServer({"/input.txt": corpus.data}) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def http_server(loopback_server: LoopbackServer) -> str:
+    """URL of the corpus on the loopback server."""
+    return loopback_server.url("/input.txt")
+
+
+def tool_env(project: Path) -> dict[str, str]:
+    """Environment for dvc, git and the stages they run: no prompts, analytics, Studio or proxies, no user or
+    system DVC config, DVC's site cache inside the project, and this interpreter first on PATH (stages run
+    as `python -m stages.X`).
+
+    GIT_* variables are dropped: under a git hook GIT_DIR/GIT_INDEX_FILE would point git at the real repo.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "GIT_"))}
+    private = project / ".dvc" / "tmp"  # git-ignored, and not part of the DVC workspace
+    env.update(
+        DVC_NO_ANALYTICS="1",
+        DVC_STUDIO_OFFLINE="1",
+        DVC_SITE_CACHE_DIR=str(private / "site-cache"),
+        DVC_GLOBAL_CONFIG_DIR=str(private / "no-global-config"),
+        DVC_SYSTEM_CONFIG_DIR=str(private / "no-system-config"),
+        GIT_TERMINAL_PROMPT="0",
+        GIT_CONFIG_NOSYSTEM="1",
+        NO_PROXY="127.0.0.1,localhost",
+        no_proxy="127.0.0.1,localhost",
+        PYTHONDONTWRITEBYTECODE="1",
+        PATH=os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")]),
+    )
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        env.pop(name, None)
+    return env
+
+
+class CommandFailed(subprocess.CalledProcessError):
+    """A CalledProcessError whose message includes the captured output, so a failing test shows why."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n--- stdout ---\n{self.stdout}\n--- stderr ---\n{self.stderr}"
+
+
+def run(project: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run `cmd` in `project` with tool_env, capturing text output; raise CommandFailed if check and it fails."""
+    result = subprocess.run(cmd, cwd=project, env=tool_env(project), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise CommandFailed(result.returncode, cmd, result.stdout, result.stderr)
+    return result
+
+
+def dvc(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`dvc *args` in `project` (with this interpreter's dvc), e.g. dvc(project, "exp", "run", "-S", "train.seed=1")."""
+    return run(project, sys.executable, "-m", "dvc", *args, check=check)
+
+
+def git(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`git *args` in `project`."""
+    return run(project, "git", *args, check=check)
+
+
+def commit(project: Path, message: str) -> None:
+    """Commit everything in the workspace, as a user does after `dvc repro` (dvc.lock, params, metrics)."""
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", message)
+
+
+def output(result: subprocess.CompletedProcess[str]) -> str:
+    """stdout and stderr together (DVC logs to both, depending on level)."""
+    return result.stdout + result.stderr
+
+
+def ran_stages(result: subprocess.CompletedProcess[str]) -> set[str]:
+    """Stages whose command DVC ran (`Running stage 'x':`)."""
+    return set(re.findall(r"Running stage '([\w@.-]+)'", output(result)))
+
+
+def skipped_stages(result: subprocess.CompletedProcess[str]) -> set[str]:
+    """Stages DVC found unchanged (`Stage 'x' didn't change, skipping`)."""
+    return set(re.findall(r"Stage '([\w@.-]+)' didn't change, skipping", output(result)))
+
+
+def restored_stages(result: subprocess.CompletedProcess[str]) -> set[str]:
+    """Stages DVC restored from its run cache instead of running (`Stage 'x' is cached - skipping run`)."""
+    return set(re.findall(r"Stage '([\w@.-]+)' is cached - skipping run", output(result)))
+
+
+def set_params(path: Path, overrides: dict[str, Any]) -> None:
+    """Rewrite the params.yaml at `path` with dotted-key overrides ({"train.max_iters": 30}); a key must exist."""
+    params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for key, value in overrides.items():
+        section, name = key.split(".", 1)
+        if name not in params[section]:
+            raise KeyError(f"{key} is not in {path}: TINY_PARAMS is out of date")
+        params[section][name] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+
+
+def make_project(dest: Path, url: str, sha256: str, overrides: dict[str, Any] | None = None) -> Path:
+    """Copy the project's pipeline into `dest`, apply TINY_PARAMS, the corpus `url`/`sha256` and `overrides`,
+    and commit it all as the first commit of a new git repository on branch main. Returns `dest`."""
+    dest.mkdir(parents=True)
+    for name in PROJECT_FILES:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PROJECT_ROOT / name, dest / name)
+    for name in PROJECT_PACKAGES:
+        shutil.copytree(PROJECT_ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    set_params(dest / "params.yaml", {**TINY_PARAMS, "data.url": url, "data.sha256": sha256, **(overrides or {})})
+    git(dest, "init", "-q", "--initial-branch=main")
+    for key, value in (("user.name", "Test"), ("user.email", "test@example.com"), ("commit.gpgsign", "false")):
+        git(dest, "config", key, value)
+    commit(dest, "tiny pipeline")
+    return dest
+
+
+@pytest.fixture
+def project(tmp_path: Path, http_server: str, corpus: Corpus) -> Path:
+    """A fresh, committed copy of the pipeline with TINY_PARAMS on CPU, downloading from the loopback server;
+    nothing has run yet (no dvc.lock)."""
+    return make_project(tmp_path / "project", http_server, corpus.sha256)
+
+
+@pytest.fixture(scope="session")
+def _reproduced_template(tmp_path_factory: pytest.TempPathFactory, http_server: str, corpus: Corpus) -> Path:
+    path = make_project(tmp_path_factory.mktemp("template") / "project", http_server, corpus.sha256)
+    dvc(path, "repro")
+    commit(path, "dvc repro")
+    return path
+
+
+@pytest.fixture
+def reproduced_project(tmp_path: Path, _reproduced_template: Path) -> Path:
+    """Like `project`, but `dvc repro` has run and its results (dvc.lock, metrics) are committed at HEAD, with
+    the outputs in the workspace and DVC cache. A private copy of one session-wide run, so it is cheap."""
+    dest = tmp_path / "project"
+    # .dvc/tmp holds locks and DVC's site cache, both keyed to the template's path
+    shutil.copytree(_reproduced_template, dest, symlinks=True,
+                    ignore=lambda folder, names: ["tmp"] if Path(folder).name == ".dvc" else [])
+    return dest

@@ -1,0 +1,157 @@
+"""The best-val checkpoint and the resume state: exact round trips, one-line errors for bad files."""
+
+import os
+
+import pytest
+import torch
+
+from nanogpt.checkpoint import ResumeStore, load_checkpoint, resume_key, save_checkpoint
+from nanogpt.config import ModelConfig
+from nanogpt.errors import UserError
+from nanogpt.model import GPT
+from nanogpt.tokenizer import CharTokenizer
+
+TINY = ModelConfig(block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.1, gradient_checkpointing=False)
+TOKENIZER = CharTokenizer.fit("\n abcdefghij")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread: on a busy machine several spin-wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(TINY, TOKENIZER.vocab_size)
+    path = tmp_path / "out" / "model.pt"
+    save_checkpoint(path, model, TOKENIZER, step=42, val_loss=1.25)
+    return path, model.eval()
+
+
+def test_round_trip_gives_identical_logits(checkpoint):
+    path, model = checkpoint
+    x = torch.tensor([TOKENIZER.encode("abc\nhij")])
+
+    loaded, tokenizer, info = load_checkpoint(path)
+
+    assert not loaded.training
+    assert loaded.cfg == TINY
+    assert torch.equal(loaded(x)[0], model(x)[0])
+    assert loaded.lm_head.weight is loaded.wte.weight  # still tied after loading
+    assert tokenizer.to_dict() == TOKENIZER.to_dict()
+    assert info == {"step": 42, "val_loss": 1.25}
+
+
+def test_truncated_checkpoint_is_a_user_error_naming_the_file(checkpoint):
+    path, _ = checkpoint
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+
+    with pytest.raises(UserError) as info:
+        load_checkpoint(path)
+
+    assert str(path) in str(info.value)
+
+
+def test_foreign_file_is_a_user_error_naming_the_file(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save([1, 2, 3], path)
+
+    with pytest.raises(UserError) as info:
+        load_checkpoint(path)
+
+    assert str(path) in str(info.value) and "not a checkpoint of this project" in str(info.value)
+
+
+def test_checkpoint_of_another_model_shape_is_a_user_error(checkpoint):
+    path, _ = checkpoint
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model_config"]["n_embd"] = 32
+    torch.save(ckpt, path)
+
+    with pytest.raises(UserError, match="does not match the model code"):
+        load_checkpoint(path)
+
+
+def test_missing_checkpoint_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(tmp_path / "model.pt")
+
+
+def test_resume_key_changes_with_params_and_data(tmp_path):
+    data = tmp_path / "train.pt"
+    data.write_bytes(b"tokens")
+    key = resume_key({"lr": 1e-3}, [data])
+
+    assert resume_key({"lr": 1e-3}, [data]) == key
+    assert resume_key({"lr": 2e-3}, [data]) != key
+    data.write_bytes(b"other tokens")
+    assert resume_key({"lr": 1e-3}, [data]) != key
+
+
+def test_resume_state_round_trip(tmp_path, checkpoint):
+    best, _ = checkpoint
+    store = ResumeStore(tmp_path / "resume")
+    state = {"key": "k1", "step": 7, "weights": torch.arange(4.0)}
+
+    store.save(state, best)
+    loaded, reason = store.load("k1")
+
+    assert loaded["step"] == 7 and torch.equal(loaded["weights"], state["weights"])
+    assert "resuming from step 7" in reason
+
+
+def test_resume_state_with_another_key_is_not_used(tmp_path):
+    store = ResumeStore(tmp_path / "resume")
+    store.save({"key": "k1", "step": 7}, None)
+
+    loaded, reason = store.load("k2")
+
+    assert loaded is None
+    assert "other params" in reason
+
+
+def test_no_resume_state_starts_from_step_0(tmp_path):
+    loaded, reason = ResumeStore(tmp_path / "resume").load("k1")
+
+    assert loaded is None and "step 0" in reason
+
+
+def test_corrupt_resume_state_starts_from_step_0(tmp_path):
+    store = ResumeStore(tmp_path / "resume")
+    store.save({"key": "k1", "step": 7}, None)
+    store.state_path.write_bytes(b"garbage")
+
+    loaded, reason = store.load("k1")
+
+    assert loaded is None
+    assert str(store.state_path) in reason and "step 0" in reason
+
+
+def test_restore_checkpoint_puts_the_best_back(tmp_path, checkpoint):
+    best, _ = checkpoint
+    content = best.read_bytes()
+    store = ResumeStore(tmp_path / "resume")
+    store.save({"key": "k1", "step": 7}, best)
+    os.remove(best)  # as `dvc repro` does with a stage's outputs
+
+    store.restore_checkpoint(best)
+
+    assert best.read_bytes() == content
+
+
+def test_clear_removes_the_folder(tmp_path, checkpoint):
+    best, _ = checkpoint
+    store = ResumeStore(tmp_path / "resume")
+    store.save({"key": "k1", "step": 7}, best)
+
+    store.clear()
+
+    assert not store.folder.exists()
+    assert best.exists()  # the checkpoint itself is not the store's to delete
+    assert store.load("k1")[0] is None

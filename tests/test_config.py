@@ -1,0 +1,193 @@
+"""params.yaml is read once into typed dataclasses; every problem in it is reported in one message."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nanogpt.config import load_config
+from nanogpt.errors import UserError
+
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def write_params(tmp_path: Path, edit: dict[str, dict[str, object]] | None = None,
+                 drop: dict[str, list[str]] | None = None) -> Path:
+    """A copy of the repository's params.yaml with some values replaced (`edit`) or removed (`drop`)."""
+    raw = yaml.safe_load(REPO_PARAMS.read_text(encoding="utf-8"))
+    for section, values in (edit or {}).items():
+        raw.setdefault(section, {}).update(values)
+    for section, names in (drop or {}).items():
+        for name in names:
+            del raw[section][name]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def problems_of(path: Path, overrides: dict[str, object] | None = None) -> str:
+    with pytest.raises(UserError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+def test_repo_params_give_the_documented_defaults():
+    cfg = load_config(REPO_PARAMS)
+
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (6, 6, 384)
+    assert cfg.model.block_size == 256
+    assert cfg.model.head_size == 64
+    assert cfg.model.dropout == 0.2
+    assert cfg.model.gradient_checkpointing is False
+    assert cfg.train.batch_size == 64
+    assert cfg.train.learning_rate == pytest.approx(3e-4)
+    assert cfg.train.max_iters == 5000
+    assert cfg.train.warmup_iters == 100
+    assert cfg.train.min_lr == pytest.approx(0.1)
+    assert cfg.train.optimizer == "adamw"
+    assert cfg.train.eval_iters is None
+    assert cfg.train.device == "auto"
+    assert cfg.train.compile == "auto"
+    assert cfg.encode.tokenizer == "char"
+    assert cfg.encode.val_fraction == pytest.approx(0.1)
+    assert cfg.data.url.startswith("https://")
+    assert len(cfg.data.sha256) == 64
+    assert cfg.sample.top_k is None and cfg.sample.top_p is None
+    assert cfg.sample.prompt == "\n"
+
+
+def test_dotted_overrides_replace_single_values():
+    cfg = load_config(REPO_PARAMS, {"train.learning_rate": 1e-3, "model.n_layer": 2, "sample.top_k": 5})
+
+    assert cfg.train.learning_rate == pytest.approx(1e-3)
+    assert cfg.model.n_layer == 2
+    assert cfg.sample.top_k == 5
+    assert cfg.train.batch_size == 64  # untouched
+
+
+def test_override_of_unknown_section_is_rejected():
+    message = problems_of(REPO_PARAMS, {"nosuch.thing": 1})
+
+    assert "nosuch.thing" in message
+
+
+def test_override_of_unknown_name_in_a_known_section_is_rejected():
+    message = problems_of(REPO_PARAMS, {"train.learning_rat": 1e-3})
+
+    assert "train.learning_rat" in message
+
+
+def test_every_problem_is_reported_in_one_message(tmp_path):
+    path = write_params(tmp_path, edit={
+        "model": {"n_embd": 384, "n_head": 5},
+        "encode": {"val_fraction": 1.5},
+        "train": {"batch_size": 0, "device": "tpu"},
+        "sample": {"num_samples": "x", "colour": "red"},
+    }, drop={"data": ["timeout"]})
+
+    message = problems_of(path)
+
+    assert "model.n_embd (384) must be divisible by model.n_head (5)" in message
+    assert "encode.val_fraction must be in (0, 1), got 1.5" in message
+    assert "train.batch_size must be >= 1, got 0" in message
+    assert "train.device" in message and "'tpu'" in message
+    assert "sample.num_samples must be an integer, got 'x'" in message
+    assert "unknown parameter sample.colour" in message
+    assert "missing data.timeout" in message
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("train.batch_size", "x", "train.batch_size must be an integer, got 'x'"),
+    ("train.batch_size", 2.5, "train.batch_size must be an integer, got 2.5"),
+    ("train.batch_size", True, "train.batch_size must be an integer, got True"),
+    ("train.learning_rate", "fast", "train.learning_rate must be a number, got 'fast'"),
+    ("model.gradient_checkpointing", "yes", "model.gradient_checkpointing must be true or false"),
+    ("encode.tokenizer", "word", "encode.tokenizer must be one of 'char', 'bpe'"),
+    ("train.optimizer", "sgd", "train.optimizer must be one of 'adamw', 'muon'"),
+    ("sample.top_k", "many", "sample.top_k must be an integer or null"),
+])
+def test_wrong_types_name_the_key_and_the_value(name, value, expected):
+    message = problems_of(REPO_PARAMS, {name: value})
+
+    assert expected in message
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("train.max_iters", 0, "train.max_iters must be >= 1, got 0"),
+    ("train.warmup_iters", -1, "train.warmup_iters must be >= 0, got -1"),
+    ("train.min_lr", 2.0, "train.min_lr must be in [0, 1]"),
+    ("sample.top_p", 0.0, "sample.top_p must be null or in (0, 1], got 0.0"),
+    ("sample.temperature", -1.0, "sample.temperature must be >= 0"),
+    ("model.dropout", 1.0, "model.dropout must be in [0, 1), got 1.0"),
+    ("encode.vocab_size", 100, "encode.vocab_size must be in [257, 65536]"),
+    ("data.sha256", "abc", "data.sha256 must be 64 hex digits, got 'abc'"),
+    ("data.url", "ftp://example.com/x", "data.url must start with http://, https:// or file://"),
+])
+def test_out_of_range_values_name_the_key_and_the_value(name, value, expected):
+    message = problems_of(REPO_PARAMS, {name: value})
+
+    assert expected in message
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_known_devices_are_accepted(device):
+    assert load_config(REPO_PARAMS, {"train.device": device}).train.device == device
+
+
+def test_missing_section_is_reported(tmp_path):
+    raw = yaml.safe_load(REPO_PARAMS.read_text(encoding="utf-8"))
+    del raw["sample"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+
+    assert "missing section 'sample'" in problems_of(path)
+
+
+def test_unknown_section_is_reported(tmp_path):
+    path = write_params(tmp_path, edit={"extra": {"a": 1}})
+
+    assert "unknown section 'extra'" in problems_of(path)
+
+
+def test_yaml_1_1_float_strings_are_accepted(tmp_path):
+    # PyYAML reads 3e-4 (no dot) as a string; a user writing it still means a number
+    text = REPO_PARAMS.read_text(encoding="utf-8").replace("learning_rate: 0.0003", "learning_rate: 3e-4")
+    assert "learning_rate: 3e-4" in text
+    path = tmp_path / "params.yaml"
+    path.write_text(text, encoding="utf-8")
+
+    cfg = load_config(path)
+
+    assert cfg.train.learning_rate == pytest.approx(3e-4)
+    assert isinstance(cfg.train.learning_rate, float)
+
+
+def test_integers_are_accepted_where_numbers_are_expected():
+    cfg = load_config(REPO_PARAMS, {"train.grad_clip": 1, "sample.temperature": 0})
+
+    assert cfg.train.grad_clip == 1.0 and isinstance(cfg.train.grad_clip, float)
+    assert cfg.sample.temperature == 0.0
+
+
+def test_invalid_yaml_is_a_user_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train: [unclosed\n", encoding="utf-8")
+
+    message = problems_of(path)
+
+    assert "not valid YAML" in message and str(path) in message
+
+
+def test_yaml_that_is_not_a_mapping_is_a_user_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("- just\n- a list\n", encoding="utf-8")
+
+    assert "mapping" in problems_of(path)
+
+
+def test_missing_params_file_is_a_user_error(tmp_path):
+    path = tmp_path / "nowhere.yaml"
+
+    message = problems_of(path)
+
+    assert str(path) in message and "not found" in message

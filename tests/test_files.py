@@ -1,0 +1,118 @@
+"""Atomic writes leave the old file or the new one; safe loads turn bad files into one-line errors."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from nanogpt import files
+from nanogpt.errors import UserError
+
+
+class Boom(Exception):
+    pass
+
+
+def test_atomic_write_replaces_the_content(tmp_path):
+    path = tmp_path / "out.txt"
+    path.write_text("old", encoding="utf-8")
+
+    files.write_text(path, "new")
+
+    assert path.read_text(encoding="utf-8") == "new"
+    assert os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_atomic_write_creates_missing_folders(tmp_path):
+    path = tmp_path / "a" / "b" / "out.json"
+
+    files.write_json(path, {"x": 1})
+
+    assert json.loads(path.read_text(encoding="utf-8")) == {"x": 1}
+
+
+def test_an_exception_while_writing_keeps_the_previous_file_and_no_temporaries(tmp_path):
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"previous")
+
+    with pytest.raises(Boom):
+        with files.atomic_open(path, "wb") as f:
+            f.write(b"half of the new")
+            raise Boom
+
+    assert path.read_bytes() == b"previous"
+    assert os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_an_exception_while_writing_a_new_file_leaves_nothing(tmp_path):
+    with pytest.raises(Boom):
+        with files.atomic_open(tmp_path / "out.bin") as f:
+            f.write(b"partial")
+            raise Boom
+
+    assert os.listdir(tmp_path) == []
+
+
+def test_torch_save_and_load_round_trip(tmp_path):
+    path = tmp_path / "state.pt"
+    obj = {"w": torch.arange(6.0).view(2, 3), "step": 3, "name": "x", "rows": [(1, 0.5)]}
+
+    files.torch_save(obj, path)
+    loaded = files.torch_load(path, "state")
+
+    assert torch.equal(loaded["w"], obj["w"])
+    assert loaded["step"] == 3 and loaded["name"] == "x"
+
+
+def assert_user_error_names(path, what: str) -> str:
+    with pytest.raises(UserError) as info:
+        files.torch_load(path, what)
+    message = str(info.value)
+    assert str(path) in message and what in message
+    assert "\n" not in message
+    # no pickle traceback chained to the message
+    assert info.value.__cause__ is None
+    assert info.value.__context__ is None or info.value.__suppress_context__
+    return message
+
+
+def test_truncated_file_is_a_user_error_naming_the_path(tmp_path):
+    path = tmp_path / "state.pt"
+    files.torch_save({"w": torch.randn(64, 64)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+    assert "corrupt" in assert_user_error_names(path, "resume state")
+
+
+def test_random_bytes_are_a_user_error_naming_the_path(tmp_path):
+    path = tmp_path / "state.pt"
+    path.write_bytes(torch.randint(256, (4096,), generator=torch.Generator().manual_seed(0),
+                                   dtype=torch.uint8).numpy().tobytes())
+
+    assert "corrupt" in assert_user_error_names(path, "checkpoint")
+
+
+def test_missing_file_is_a_user_error_naming_the_path(tmp_path):
+    assert "not found" in assert_user_error_names(tmp_path / "nowhere.pt", "checkpoint")
+
+
+class Exploit:
+    """Unpickling this calls open(path, "w"): arbitrary code a weights-only load must not run."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"x": Exploit(str(marker))}, path, pickle_module=pickle)
+
+    assert_user_error_names(path, "checkpoint")
+    assert not marker.exists()

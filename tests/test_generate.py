@@ -1,0 +1,226 @@
+"""Sampling filters, the context schedule, and the KV-cached generator against the full-context reference."""
+
+import math
+
+import pytest
+import torch
+
+from nanogpt.config import ModelConfig
+from nanogpt.generate import SamplingParams, context_length, generate, generate_reference, logits_to_probs
+from nanogpt.model import GPT
+
+VOCAB = 13
+GREEDY = SamplingParams(temperature=0.0, top_k=None, top_p=None)
+PLAIN = SamplingParams(temperature=1.0, top_k=None, top_p=None)
+TOP_K = SamplingParams(temperature=0.8, top_k=4, top_p=None)
+TOP_P = SamplingParams(temperature=1.2, top_k=None, top_p=0.7)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread: on a busy machine several spin-wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def log_probs(*probs: float) -> torch.Tensor:
+    """One row of logits whose softmax is `probs`."""
+    return torch.tensor([[math.log(p) for p in probs]])
+
+
+def kept(probs: torch.Tensor) -> set[int]:
+    return set(torch.nonzero(probs[0] > 0).flatten().tolist())
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    """A small random model whose next-token distributions are far from uniform (GPT-2's init gives near-ties)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, gradient_checkpointing=False)
+    model = GPT(cfg, VOCAB).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+def test_top_k_keeps_exactly_k_tokens():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+
+    probs = logits_to_probs(logits, SamplingParams(1.0, top_k=5, top_p=None))
+
+    assert ((probs > 0).sum(dim=-1) == 5).all()
+    assert torch.equal(probs.topk(5).indices.sort().values, logits.topk(5).indices.sort().values)
+    torch.testing.assert_close(probs.sum(dim=-1), torch.ones(3))
+
+
+def test_top_k_larger_than_the_vocabulary_keeps_everything():
+    probs = logits_to_probs(torch.randn(1, 6), SamplingParams(1.0, top_k=100, top_p=None))
+
+    assert (probs > 0).all()
+
+
+@pytest.mark.parametrize("top_p, expected", [(0.3, {2}), (0.6, {2, 0}), (0.9, {2, 0, 3}), (0.99, {0, 1, 2, 3})])
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected):
+    # probabilities 0.25, 0.05, 0.5, 0.2: most likely first is 2, 0, 3, 1
+    logits = log_probs(0.25, 0.05, 0.5, 0.2)
+
+    probs = logits_to_probs(logits, SamplingParams(1.0, top_k=None, top_p=top_p))
+
+    assert kept(probs) == expected
+    original = torch.softmax(logits, dim=-1)
+    mass = sum(original[0, i] for i in expected)
+    for i in expected:  # the survivors keep their relative odds
+        assert probs[0, i].item() == pytest.approx(original[0, i].item() / mass.item())
+
+
+def test_top_p_of_one_keeps_everything():
+    probs = logits_to_probs(log_probs(0.7, 0.2, 0.1), SamplingParams(1.0, top_k=None, top_p=1.0))
+
+    assert kept(probs) == {0, 1, 2}
+
+
+def test_top_k_then_top_p():
+    logits = log_probs(0.4, 0.3, 0.2, 0.1)
+
+    probs = logits_to_probs(logits, SamplingParams(1.0, top_k=3, top_p=0.5))
+
+    # after top-k the odds are 4/9, 3/9, 2/9: the first two reach 0.5
+    assert kept(probs) == {0, 1}
+
+
+def test_temperature_below_one_sharpens_and_above_one_flattens():
+    logits = log_probs(0.6, 0.3, 0.1)
+
+    base = logits_to_probs(logits, PLAIN)[0]
+    sharp = logits_to_probs(logits, SamplingParams(0.5, None, None))[0]
+    flat = logits_to_probs(logits, SamplingParams(2.0, None, None))[0]
+
+    assert sharp[0] > base[0] > flat[0]
+    assert sharp[2] < base[2] < flat[2]
+    torch.testing.assert_close(base, torch.tensor([0.6, 0.3, 0.1]))
+    # temperature 0.5 squares the odds: 0.36 : 0.09 : 0.01
+    torch.testing.assert_close(sharp, torch.tensor([0.36, 0.09, 0.01]) / 0.46)
+
+
+def test_temperature_zero_puts_all_the_mass_on_the_argmax():
+    logits = torch.randn(4, 20, generator=torch.Generator().manual_seed(1))
+
+    probs = logits_to_probs(logits, GREEDY)
+
+    assert torch.equal(probs.argmax(dim=-1), logits.argmax(dim=-1))
+    torch.testing.assert_close(probs.max(dim=-1).values, torch.ones(4))
+
+
+def test_temperature_zero_generates_the_most_likely_token_every_step(model):
+    seq = [2, 7, 1]
+    for _ in range(30):
+        context = seq[-context_length(len(seq), model.cfg.block_size):]
+        logits, _ = model(torch.tensor([context]))
+        seq.append(int(logits[0, -1].argmax()))
+
+    tokens = generate(model, [2, 7, 1], 30, 1, GREEDY, seed=123)
+
+    assert tokens[0].tolist() == seq[3:]
+
+
+def test_sampling_follows_the_model_probabilities(model):
+    n = 3000
+    probs = logits_to_probs(model(torch.tensor([[5, 6]]))[0][:, -1], PLAIN)[0]
+
+    first = generate(model, [5, 6], 1, n, PLAIN, seed=0)[:, 0]
+
+    frequencies = torch.bincount(first, minlength=VOCAB) / n
+    torch.testing.assert_close(frequencies, probs, rtol=0, atol=0.03)
+
+
+def test_context_length_is_everything_up_to_block_size():
+    assert [context_length(n, 8) for n in range(1, 9)] == list(range(1, 9))
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 7, 8, 16])
+def test_context_length_cycles_between_half_and_full_block_after_it(block_size):
+    lengths = [context_length(n, block_size) for n in range(block_size + 1, 5 * block_size + 3)]
+    keep = max(1, block_size // 2)
+
+    assert lengths[0] == keep  # the full cache restarts from its last half
+    assert all(keep <= w <= block_size for w in lengths)
+    for prev, nxt in zip(lengths, lengths[1:]):
+        assert nxt == prev + 1 or (prev == block_size and nxt == keep)
+    assert block_size in lengths
+
+
+def test_context_length_example():
+    assert [context_length(n, 8) for n in range(8, 20)] == [8, 4, 5, 6, 7, 8, 4, 5, 6, 7, 8, 4]
+
+
+@pytest.mark.parametrize("params", [GREEDY, TOP_K, TOP_P], ids=["greedy", "top_k", "top_p"])
+@pytest.mark.parametrize("prompt_len", [1, 5, 23])  # shorter and longer than block_size 16
+def test_cached_generation_matches_the_reference(model, params, prompt_len):
+    prompt = torch.randint(VOCAB, (prompt_len,), generator=torch.Generator().manual_seed(prompt_len)).tolist()
+
+    cached = generate(model, prompt, 60, 1, params, seed=3)
+    reference = generate_reference(model, prompt, 60, 1, params, seed=3)
+
+    assert cached.shape == (1, 60)
+    assert torch.equal(cached, reference)
+
+
+@pytest.mark.parametrize("params", [GREEDY, PLAIN], ids=["greedy", "plain"])
+def test_batched_generation_matches_the_reference(model, params):
+    cached = generate(model, [1, 2, 3], 40, 3, params, seed=5)
+    reference = generate_reference(model, [1, 2, 3], 40, 3, params, seed=5)
+
+    assert torch.equal(cached, reference)
+
+
+@pytest.mark.parametrize("params", [PLAIN, TOP_P], ids=["plain", "top_p"])
+def test_each_row_of_a_batch_is_the_single_run_with_seed_plus_row(model, params):
+    batch = generate(model, [4, 5], 30, 3, params, seed=11)
+
+    for row in range(3):
+        single = generate(model, [4, 5], 30, 1, params, seed=11 + row)
+        assert torch.equal(batch[row], single[0]), row
+    assert not torch.equal(batch[0], batch[1])
+
+
+@pytest.mark.parametrize("num_tokens", [0, 1, 2])
+def test_a_few_tokens_match_the_reference(model, num_tokens):
+    cached = generate(model, [3, 1], num_tokens, 2, PLAIN, seed=0)
+
+    assert cached.shape == (2, num_tokens)
+    assert torch.equal(cached, generate_reference(model, [3, 1], num_tokens, 2, PLAIN, seed=0))
+
+
+def test_same_seed_same_tokens_different_seed_different_tokens(model):
+    first = generate(model, [0], 40, 1, PLAIN, seed=1)
+
+    assert torch.equal(generate(model, [0], 40, 1, PLAIN, seed=1), first)
+    assert not torch.equal(generate(model, [0], 40, 1, PLAIN, seed=2), first)
+
+
+def test_generation_streams_each_new_column(model):
+    columns = []
+
+    tokens = generate(model, [1], 20, 2, TOP_K, seed=0, on_tokens=columns.append)
+
+    assert len(columns) == 20
+    assert torch.equal(torch.stack(columns, dim=1), tokens)
+
+
+def test_generation_leaves_no_cache_behind(model):
+    x = torch.tensor([[1, 2, 3]])
+    before, _ = model(x)
+
+    generate(model, [1, 2, 3], 10, 2, PLAIN, seed=0)
+
+    assert all(block.attn.kv_cache is None for block in model.blocks)
+    assert torch.equal(model(x)[0], before)
+
+
+def test_empty_prompt_is_rejected(model):
+    with pytest.raises(ValueError, match="prompt"):
+        generate(model, [], 5, 1, PLAIN, seed=0)

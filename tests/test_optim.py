@@ -1,0 +1,156 @@
+"""The learning-rate schedule (warmup, cosine, floor) and how parameters are split between optimizers."""
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanogpt.config import ModelConfig, TrainConfig, load_config
+from nanogpt.model import GPT
+from nanogpt.optim import build_optimizers, lr_factor, set_lr
+
+TRAIN = load_config(Path(__file__).resolve().parents[1] / "params.yaml").train
+TINY = ModelConfig(block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0, gradient_checkpointing=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread: on a busy machine several spin-wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def schedule(warmup: int = 100, max_iters: int = 1100, min_lr: float = 0.1) -> TrainConfig:
+    return dataclasses.replace(TRAIN, warmup_iters=warmup, max_iters=max_iters, min_lr=min_lr)
+
+
+def tiny_model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(TINY, 13)
+
+
+def test_warmup_starts_small_and_rises_linearly():
+    cfg = schedule()
+
+    factors = [lr_factor(step, cfg) for step in range(100)]
+
+    assert factors[0] == pytest.approx(1 / 101)
+    assert all(b > a for a, b in zip(factors, factors[1:]))
+    assert factors[-1] < 1.0
+
+
+def test_peak_is_reached_at_the_end_of_warmup():
+    assert lr_factor(100, schedule()) == pytest.approx(1.0)
+
+
+def test_middle_of_the_cosine_is_halfway_to_the_floor():
+    cfg = schedule(min_lr=0.1)
+
+    assert lr_factor(600, cfg) == pytest.approx((1 + 0.1) / 2)
+
+
+def test_cosine_decays_monotonically_to_min_lr():
+    cfg = schedule()
+
+    factors = [lr_factor(step, cfg) for step in range(100, 1101)]
+
+    assert all(b <= a for a, b in zip(factors, factors[1:]))
+    assert factors[-1] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("step", [1100, 1101, 5000])
+def test_at_and_after_max_iters_the_rate_stays_at_min_lr(step):
+    assert lr_factor(step, schedule(min_lr=0.1)) == pytest.approx(0.1)
+
+
+def test_no_warmup_starts_at_the_peak():
+    assert lr_factor(0, schedule(warmup=0)) == pytest.approx(1.0)
+
+
+def test_adamw_decays_matrices_only():
+    model = tiny_model()
+    cfg = dataclasses.replace(TRAIN, optimizer="adamw", weight_decay=0.1)
+
+    [adamw] = build_optimizers(model, cfg, torch.device("cpu"))
+
+    for group in adamw.param_groups:
+        for p in group["params"]:
+            assert group["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0)
+    grouped = [p for group in adamw.param_groups for p in group["params"]]
+    assert sorted(map(id, grouped)) == sorted(id(p) for p in model.parameters())
+    assert any(p.dim() == 1 for p in grouped)  # the LayerNorm weights are there, undecayed
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = tiny_model()
+    cfg = dataclasses.replace(TRAIN, optimizer="muon")
+
+    adamw, muon = build_optimizers(model, cfg, torch.device("cpu"))
+
+    assert isinstance(adamw, torch.optim.AdamW)
+    assert "Muon" in type(muon).__name__
+    names = {id(p): name for name, p in model.named_parameters()}
+    in_muon = [names[id(p)] for group in muon.param_groups for p in group["params"]]
+    in_adamw = [names[id(p)] for group in adamw.param_groups for p in group["params"]]
+    assert sorted(in_muon + in_adamw) == sorted(names.values())  # every parameter exactly once
+    assert len(set(in_muon + in_adamw)) == len(names)
+    assert in_muon and all(n.startswith("blocks.") and model.get_parameter(n).dim() == 2 for n in in_muon)
+    assert "wte.weight" in in_adamw and "wpe.weight" in in_adamw
+    assert muon.param_groups[0]["lr"] == cfg.muon_learning_rate
+
+
+def test_muon_and_adamw_steps_update_every_parameter():
+    model = tiny_model()
+    optimizers = build_optimizers(model, dataclasses.replace(TRAIN, optimizer="muon"), torch.device("cpu"))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    x = torch.randint(13, (4, 8), generator=torch.Generator().manual_seed(0))
+
+    _, loss = model(x, x)
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+
+    for name, p in model.named_parameters():
+        assert not torch.equal(p, before[name]), name
+
+
+def test_muon_steps_match_torch_optim_muon():
+    # torch.optim.Muon orthogonalizes in bfloat16 even on the CPU: the two agree to bfloat16 precision
+    model = tiny_model()
+    reference = copy.deepcopy(model)
+    cfg = dataclasses.replace(TRAIN, optimizer="muon")
+    muon = build_optimizers(model, cfg, torch.device("cpu"))[1]
+    hidden = [n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2]
+    torch_muon = torch.optim.Muon([reference.get_parameter(n) for n in hidden], lr=cfg.muon_learning_rate,
+                                  weight_decay=cfg.weight_decay, momentum=0.95)
+    start = {n: model.get_parameter(n).detach().clone() for n in hidden}
+    data = torch.Generator().manual_seed(0)
+
+    for _ in range(3):
+        x = torch.randint(13, (4, 8), generator=data)
+        for m, opt in ((model, muon), (reference, torch_muon)):
+            m.zero_grad()
+            m(x, x)[1].backward()
+            opt.step()
+
+    for n in hidden:
+        ours = model.get_parameter(n).detach() - start[n]
+        theirs = reference.get_parameter(n).detach() - start[n]
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0.1 * theirs.abs().max().item(), msg=n)
+        assert torch.cosine_similarity(ours.flatten(), theirs.flatten(), dim=0) > 0.99, n
+
+
+def test_set_lr_scales_each_groups_peak():
+    model = tiny_model()
+    cfg = dataclasses.replace(TRAIN, optimizer="muon")
+    optimizers = build_optimizers(model, cfg, torch.device("cpu"))
+
+    set_lr(optimizers, 0.5)
+
+    adamw, muon = optimizers
+    assert all(g["lr"] == pytest.approx(cfg.learning_rate * 0.5) for g in adamw.param_groups)
+    assert all(g["lr"] == pytest.approx(cfg.muon_learning_rate * 0.5) for g in muon.param_groups)
