@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--num-tokens", type=int, default=500)
     p.add_argument("--batch-sizes", default="1,4,16,64")
     p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--compile", action="store_true", help="also time the cached generator with torch.compile")
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the full-context reference at batch 1")
@@ -78,8 +79,8 @@ def main() -> None:
         "command": f"python -m benchmarks.sample --checkpoint {args.checkpoint} --name {args.name}",
         "rows": rows,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

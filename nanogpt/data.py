@@ -25,7 +25,16 @@ def load_tokens(path: Path | str) -> Tensor:
 def get_batch(tokens: Tensor, batch_size: int, block_size: int,
               generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """`batch_size` random windows of `block_size` tokens and their next-token targets, on tokens' device."""
-    starts = torch.randint(len(tokens) - block_size, (batch_size,), device=tokens.device, generator=generator)
+    return windows(tokens, sample_starts(len(tokens), batch_size, block_size, generator), block_size)
+
+
+def sample_starts(num_tokens: int, count: int, block_size: int, generator: torch.Generator) -> Tensor:
+    """`count` random window starts, drawn on the generator's device (no host sync)."""
+    return torch.randint(num_tokens - block_size, (count,), device=generator.device, generator=generator)
+
+
+def windows(tokens: Tensor, starts: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """Inputs and next-token targets of the windows beginning at `starts`."""
     window = tokens[starts[:, None] + torch.arange(block_size + 1, device=tokens.device)].long()
     return window[:, :-1], window[:, 1:]
 
@@ -67,7 +76,9 @@ def evaluate(model: torch.nn.Module, data: EvalSet, batch_size: int, autocast: c
              max_batches: int | None = None, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
     """Sum of the loss in nats and the number of targets, over this rank's share of `data`.
 
-    Deterministic: the same windows in the same order every call. The caller all-reduces across ranks.
+    `max_batches` counts batches per rank, so N ranks with batch b cover the windows one process covers
+    with batch N*b. Deterministic: the same windows in the same order every call. The caller all-reduces
+    across ranks.
     """
     was_training = model.training
     model.eval()
@@ -76,7 +87,7 @@ def evaluate(model: torch.nn.Module, data: EvalSet, batch_size: int, autocast: c
     count = torch.zeros((), dtype=torch.int64, device=device)
     batches = range(0, len(data.x), batch_size)
     if max_batches is not None:
-        batches = batches[:max_batches]
+        batches = batches[: max_batches * world_size]
     for i in batches[rank::world_size]:
         x, y = data.x[i : i + batch_size], data.y[i : i + batch_size]
         if len(x) < batch_size:  # pad the last batch: one shape for every batch, so nothing recompiles

@@ -34,8 +34,9 @@ class TextStreamer:
 
     def __call__(self, tokens: torch.Tensor) -> None:
         self.ids.append(int(tokens[0]))
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
+        # a cut-off final character decodes to U+FFFD; the whole characters before it are final, so print those
+        text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
+        if len(text) <= self.printed:
             return
         self.out.write(text[self.printed :])
         self.out.flush()

@@ -105,7 +105,8 @@ class _Trainer:
         self.optimizers = build_optimizers(self.model, self.tc, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.batch_rng = torch.Generator(device=device)
-        self.batch_rng.manual_seed(self.tc.seed + dist_info.rank)
+        self.batch_rng.manual_seed(self.tc.seed)
+        torch.manual_seed(self.tc.seed + dist_info.rank)  # same initial weights on every rank, own dropout
         self.autocast = runtime.autocast(device, dtype)
         self.tokens_per_step = self.tc.batch_size * cfg.model.block_size * self.tc.grad_accum_steps * dist_info.world_size
 
@@ -118,6 +119,9 @@ class _Trainer:
         self.key = resume_key(settings, data_files)
         self.progress = TrainProgress(self.tc.max_iters, 0, enabled=show_progress and dist_info.is_main)
         self._restore()
+        if not distributed.same_on_all_ranks(self.step, dist_info):  # e.g. a host that cannot see rank 0's files
+            raise UserError(f"the ranks found different resume states in {paths.resume_dir}: every host must see "
+                            "the one rank 0 writes (a shared filesystem), or delete it to start over")
         self.progress.message(f"{self.model.num_params() / 1e6:.2f}M parameters on {device} ({str(dtype)[6:]}), "
                               f"{self.tokens_per_step:,} tokens per step, ready {self.elapsed():.1f} s after launch")
 
@@ -149,9 +153,12 @@ class _Trainer:
             opt.load_state_dict(opt_state)
         self.scaler.load_state_dict(state["scaler"])
         self.batch_rng.set_state(state["batch_rng"])
-        torch.set_rng_state(state["cpu_rng"])
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        if self.dist.rank == 0:
+            torch.set_rng_state(state["cpu_rng"])
+            if self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        else:  # only rank 0's dropout RNG is saved; the others continue from a seed of their own
+            torch.manual_seed(self.tc.seed + self.dist.rank + 1_000_003 * state["step"])
         self.step, self.best_val, self.best_step = state["step"], state["best_val"], state["best_step"]
         self.metrics = MetricsLog.from_state(state["metrics"], self.step)
         self.started -= state["elapsed"]
@@ -184,13 +191,13 @@ class _Trainer:
         self.intervals: list[tuple[int, float]] = []  # (tokens, seconds) between evaluations
         with _StopFlag() as stop:
             while self.step < tc.max_iters:
-                if stop.signum is not None:
+                if distributed.any_rank(stop.signum is not None, self.dist):  # all ranks stop at one step
                     # the state's series must reach self.step: the resumed run logs from there on
                     self._check_finite(losses, norms, checked, self.step)
                     self._log_train(losses, checked, self.step)
                     self._save_resume()
                     self.progress.close()
-                    raise Interrupted(stop.signum, self.step)
+                    raise Interrupted(stop.signum or signal.SIGTERM, self.step)
                 set_lr(self.optimizers, lr_factor(self.step, tc))
                 if self.compiled:
                     torch.compiler.cudagraph_mark_step_begin()
@@ -228,10 +235,17 @@ class _Trainer:
         return self._summary()
 
     def _accumulate_gradients(self) -> torch.Tensor:
+        """Forward and backward over this rank's share of one optimizer step's batch; the mean loss."""
         total = torch.zeros((), device=self.device)
-        for micro in range(self.tc.grad_accum_steps):
-            x, y = data.get_batch(self.train_tokens, self.tc.batch_size, self.cfg.model.block_size, self.batch_rng)
-            last = micro == self.tc.grad_accum_steps - 1
+        b, accum, world = self.tc.batch_size, self.tc.grad_accum_steps, self.dist.world_size
+        # every rank draws the whole step's windows from the same generator and takes its own slice, so
+        # N ranks x k micro-steps x batch b see exactly the windows of one process with batch N*k*b
+        starts = data.sample_starts(len(self.train_tokens), b * accum * world, self.cfg.model.block_size,
+                                    self.batch_rng)
+        for micro in range(accum):
+            first = (micro * world + self.dist.rank) * b
+            x, y = data.windows(self.train_tokens, starts[first : first + b], self.cfg.model.block_size)
+            last = micro == accum - 1
             sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
             with sync:
                 with self.autocast:
@@ -252,10 +266,11 @@ class _Trainer:
                             "lower train.learning_rate or use train.dtype=bf16/fp32")
 
     def _log_train(self, losses: torch.Tensor, start: int, end: int) -> None:
-        values = losses[start:end].tolist()
+        # each rank holds the loss of its own share of the batch: log the mean, the whole batch's loss
+        values = distributed.all_reduce_sum(losses[start:end].clone(), self.dist) / self.dist.world_size
         self.metrics.train_rows.extend(
             (step + 1, value, lr_factor(step, self.tc) * self.tc.learning_rate)
-            for step, value in zip(range(start, end), values))
+            for step, value in zip(range(start, end), values.tolist()))
 
     def _evaluate(self) -> None:
         runtime.synchronize(self.device)

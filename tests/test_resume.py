@@ -1,0 +1,604 @@
+"""The train stage's promises about interruption, resume, atomic saves and non-finite losses.
+
+Each test drives `python -m stages.train` (or `dvc repro`) as a subprocess in a temporary copy of the
+project with a tiny CPU model, the way a user would: signals, reruns, changed params, a blow-up.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import string
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "nanogpt", ".dvc/config", ".dvcignore", ".gitignore",
+                 "data/.gitignore", "out/.gitignore")
+# A model small enough for a CPU test; dropout on, so restoring the RNG state matters for exactness.
+TINY_PARAMS = {
+    "model": {"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.1},
+    "train": {"batch_size": 8, "max_iters": 60, "warmup_iters": 5, "eval_interval": 10, "eval_iters": 2,
+              "resume_interval": 10, "device": "cpu", "compile": False, "dtype": "fp32"},
+}
+MAX_ITERS = TINY_PARAMS["train"]["max_iters"]
+EVAL_INTERVAL = TINY_PARAMS["train"]["eval_interval"]
+# One thread: a tiny model gains nothing from more, and on a small shared CI machine they only contend.
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+STEP_LINE = re.compile(r"^step (\d+):")
+RESUMING = re.compile(r"^resuming from step (\d+) ", re.MULTILINE)
+TIMING_KEYS = ("tokens_per_sec", "wall_time_s")
+
+
+# ---------------------------------------------------------------- project helpers (conftest material)
+
+def write_corpus(path: Path, size: int = 30_000, seed: int = 0) -> None:
+    """Seeded random 'sentences' of random lowercase words: ~`size` bytes of text with punctuation."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(1, 8))) for _ in range(400)]
+    lines, total = [], 0
+    while total < size:
+        line = " ".join(rng.choice(words) for _ in range(rng.randint(2, 12))).capitalize()
+        line += rng.choice(".,;:!?") + "\n"
+        lines.append(line)
+        total += len(line)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(lines), encoding="utf-8")
+
+
+def read_params(project: Path) -> dict[str, Any]:
+    return yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+
+
+def set_params(project: Path, updates: dict[str, dict[str, Any]]) -> None:
+    """Merge `{"section": {"key": value}}` into the project's params.yaml."""
+    params = read_params(project)
+    for section, values in updates.items():
+        params[section].update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+
+
+def make_project(root: Path) -> Path:
+    """A copy of the project's pipeline and code at `root` with a generated corpus and tiny CPU params."""
+    for name in PROJECT_FILES:
+        src, dst = REPO / name, root / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    write_corpus(root / "data" / "input.txt")
+    set_params(root, TINY_PARAMS)
+    return root
+
+
+def copy_project(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def run_stage(project: Path, name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", f"stages.{name}", *args], cwd=project, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        pytest.fail(f"stages.{name} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+# Run in a child: the train stage, sending itself `sig` during the forward pass of optimizer step `at_step`
+# (1-based). A signal from inside lands at an exact step, where one sent after reading the log lands
+# wherever the child happens to be (usually in the resume-state save right after an evaluation).
+SIGNAL_AT_STEP = """
+import os, runpy, signal, sys
+import nanogpt.model
+
+sig, at_step = signal.Signals[sys.argv[1]], int(sys.argv[2])
+forward = nanogpt.model.GPT.forward
+calls = 0
+
+def forward_then_signal(self, *args, **kwargs):
+    global calls
+    if self.training:
+        calls += 1
+        if calls == at_step:
+            os.kill(os.getpid(), sig)
+    return forward(self, *args, **kwargs)
+
+nanogpt.model.GPT.forward = forward_then_signal
+sys.argv = ["stages/train.py"]
+runpy.run_module("stages.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def signal_at_step(project: Path, sig: signal.Signals, at_step: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", SIGNAL_AT_STEP, sig.name, str(at_step)], cwd=project, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+
+
+@dataclass
+class Stopped:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def stop_after_log_step(project: Path, sig: int, after_step: int, cmd: list[str]) -> Stopped:
+    """Run `cmd` and send `sig` to its process group as soon as the log shows step `after_step` or later
+    (as Ctrl-C in a terminal or a CI job's cancel would); wait for it to end."""
+    proc = subprocess.Popen(cmd, cwd=project, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    seen = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen.append(line)
+            match = STEP_LINE.match(line)
+            if match and int(match[1]) >= after_step:
+                with contextlib.suppress(ProcessLookupError):  # it may have ended already
+                    os.killpg(proc.pid, sig)
+                break
+        rest, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stdout = "".join(seen) + rest
+    if not any((m := STEP_LINE.match(line)) and int(m[1]) >= after_step for line in seen):
+        pytest.fail(f"training ended before step {after_step} (exit {proc.returncode})\n{stdout}\n{err}")
+    return Stopped(proc.returncode, stdout, err)
+
+
+@dataclass
+class Result:
+    """What an uninterrupted run and a resumed one must agree on."""
+
+    weights: dict[str, torch.Tensor]
+    checkpoint_step: int
+    summary: dict[str, Any]
+    train_series: list[str]  # metrics/train_loss.tsv lines: step, train_loss, lr
+    val_series: list[list[str]]  # metrics/val_loss.tsv rows without elapsed_s (wall-clock time)
+
+
+def read_result(project: Path) -> Result:
+    ckpt = torch.load(project / "out" / "ckpt.pt", map_location="cpu", weights_only=True)
+    summary = json.loads((project / "metrics" / "train.json").read_text())
+    for key in TIMING_KEYS:
+        summary.pop(key)
+    val_lines = (project / "metrics" / "val_loss.tsv").read_text().splitlines()
+    header = val_lines[0].split("\t")
+    keep = [i for i, name in enumerate(header) if name != "elapsed_s"]
+    return Result(ckpt["model"], ckpt["step"], summary,
+                  (project / "metrics" / "train_loss.tsv").read_text().splitlines(),
+                  [[row.split("\t")[i] for i in keep] for row in val_lines])
+
+
+def assert_same_result(got: Result, want: Result) -> None:
+    steps = [int(line.split("\t")[0]) for line in got.train_series[1:]]
+    assert steps == list(range(1, MAX_ITERS + 1)), f"train_loss.tsv has steps {steps}"
+    val_steps = [int(row[0]) for row in got.val_series[1:]]
+    assert val_steps == list(range(EVAL_INTERVAL, MAX_ITERS + 1, EVAL_INTERVAL)), f"val_loss.tsv has steps {val_steps}"
+    assert got.weights.keys() == want.weights.keys()
+    differing = [name for name, tensor in want.weights.items() if not torch.equal(got.weights[name], tensor)]
+    assert not differing, f"weights differ from the uninterrupted run: {differing}"
+    assert got.checkpoint_step == want.checkpoint_step
+    assert got.summary == want.summary
+    assert got.train_series == want.train_series
+    assert got.val_series == want.val_series
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def encoded_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny project with data/ encoded; copy it, don't change it."""
+    project = make_project(tmp_path_factory.mktemp("encoded") / "project")
+    run_stage(project, "encode")
+    return project
+
+
+@pytest.fixture(scope="module")
+def trained_project(encoded_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The encoded project after one uninterrupted training run; copy it, don't change it."""
+    project = copy_project(encoded_project, tmp_path_factory.mktemp("trained") / "project")
+    run_stage(project, "train")
+    return project
+
+
+@pytest.fixture(scope="module")
+def reference(trained_project: Path) -> Result:
+    return read_result(trained_project)
+
+
+@pytest.fixture
+def fresh_project(encoded_project: Path, tmp_path: Path) -> Path:
+    return copy_project(encoded_project, tmp_path / "project")
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> random.Random:
+    """Seeded per test, so the (random) kill points are the same on every run."""
+    return random.Random(request.node.nodeid)
+
+
+# ---------------------------------------------------------------- kill and resume
+
+def test_uninterrupted_run_leaves_no_resume_state(trained_project: Path, reference: Result) -> None:
+    assert not (trained_project / "out" / "resume").exists()
+    assert reference.summary["steps"] == MAX_ITERS
+    assert not [p.name for p in (trained_project / "out").iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_kill_and_resume_matches_uninterrupted_run(fresh_project: Path, reference: Result, rng: random.Random,
+                                                   sig: signal.Signals) -> None:
+    # a seeded random step between two evaluations, past the first resume-state save
+    at_step = rng.choice([k for k in range(EVAL_INTERVAL + 2, MAX_ITERS) if k % EVAL_INTERVAL])
+    stopped = signal_at_step(fresh_project, sig, at_step)
+
+    if sig == signal.SIGKILL:
+        assert stopped.returncode == -signal.SIGKILL
+        saved_at = (at_step - 1) // EVAL_INTERVAL * EVAL_INTERVAL  # the last resume_interval save
+    else:
+        assert stopped.returncode == 128 + sig, stopped.stderr
+        assert stopped.stderr.splitlines() == [f"interrupted by {sig.name} at step {at_step}; resume state saved: "
+                                               "run the same command again to continue"]
+        saved_at = at_step
+    assert (fresh_project / "out" / "resume" / "state.pt").is_file()
+
+    resumed = run_stage(fresh_project, "train")
+    assert f"\nresuming from step {saved_at} (out/resume/state.pt)\n" in f"\n{resumed.stdout}", resumed.stdout
+    assert_same_result(read_result(fresh_project), reference)
+    assert not (fresh_project / "out" / "resume").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_dvc_repro_resumes_after_signal(encoded_project: Path, reference: Result, tmp_path: Path,
+                                        sig: signal.Signals) -> None:
+    """A CI job cancelled (SIGTERM) or Ctrl-C (SIGINT) in a terminal: the signal goes to dvc and the stage."""
+    project = copy_project(encoded_project, tmp_path / "project")
+    corpus = tmp_path / "corpus.txt"
+    shutil.move(project / "data" / "input.txt", corpus)
+    for name in ("train.pt", "val.pt", "vocab.json"):
+        (project / "data" / name).unlink()
+    set_params(project, {"data": {"url": corpus.as_uri(), "retries": 0,
+                                  "sha256": hashlib.sha256(corpus.read_bytes()).hexdigest()}})
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "tiny project"]):
+        subprocess.run([*git, *args], cwd=project, check=True, capture_output=True)
+    dvc = [sys.executable, "-m", "dvc", "repro"]
+
+    stopped = stop_after_log_step(project, sig, after_step=20, cmd=dvc)
+    assert stopped.returncode != 0
+    assert f"interrupted by {sig.name}" in stopped.stderr, stopped.stdout + stopped.stderr
+    assert (project / "out" / "resume" / "state.pt").is_file()
+
+    rerun = subprocess.run(dvc, cwd=project, env=ENV, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    start = RESUMING.search(rerun.stdout)
+    assert start and int(start[1]) >= 20, rerun.stdout
+    assert_same_result(read_result(project), reference)
+    assert not (project / "out" / "resume").exists()
+
+
+# ---------------------------------------------------------------- stale state
+
+@pytest.fixture(scope="module")
+def interrupted_project(encoded_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The encoded project stopped by SIGINT at step 25, its resume state saved; copy it."""
+    project = copy_project(encoded_project, tmp_path_factory.mktemp("interrupted") / "project")
+    stopped = signal_at_step(project, signal.SIGINT, at_step=2 * EVAL_INTERVAL + 5)
+    assert stopped.returncode == 128 + signal.SIGINT, stopped.stderr
+    return project
+
+
+def _bump_resume_format(project: Path) -> None:
+    path = project / "nanogpt" / "checkpoint.py"
+    text, n = re.subn(r"^RESUME_FORMAT = (\d+)", lambda m: f"RESUME_FORMAT = {int(m[1]) + 1}",
+                      path.read_text(), flags=re.MULTILINE)
+    assert n == 1
+    path.write_text(text)
+
+
+def _truncate_state(project: Path) -> None:
+    state = project / "out" / "resume" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+
+
+STALE = {
+    "other code version": (_bump_resume_format, "resume state was made with other params, data or code"),
+    "truncated state": (_truncate_state, "resume state out/resume/state.pt is corrupt"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", STALE)
+def test_unusable_resume_state_is_not_mixed_in(interrupted_project: Path, reference: Result, tmp_path: Path,
+                                               change: str) -> None:
+    project = copy_project(interrupted_project, tmp_path / "project")
+    apply, why = STALE[change]
+    apply(project)
+    rerun = run_stage(project, "train")
+    lines = [line for line in rerun.stdout.splitlines() if "starting from step 0" in line]
+    assert len(lines) == 1 and why in lines[0], rerun.stdout
+    assert not RESUMING.search(rerun.stdout)
+    # started from scratch with the same params, so it ends exactly where an uninterrupted run does
+    assert_same_result(read_result(project), reference)
+
+
+@pytest.mark.slow
+def test_resume_state_from_other_params_is_not_mixed_in(interrupted_project: Path, tmp_path: Path) -> None:
+    changed = {"train": {"learning_rate": 2 * float(read_params(interrupted_project)["train"]["learning_rate"])}}
+    project = copy_project(interrupted_project, tmp_path / "project")
+    set_params(project, changed)
+    rerun = run_stage(project, "train")
+    assert "resume state was made with other params, data or code: starting from step 0" in rerun.stdout
+    assert not RESUMING.search(rerun.stdout)
+
+    fresh = copy_project(interrupted_project, tmp_path / "fresh")
+    shutil.rmtree(fresh / "out" / "resume")
+    set_params(fresh, changed)
+    run_stage(fresh, "train")
+    assert_same_result(read_result(project), read_result(fresh))
+
+
+@pytest.mark.slow
+def test_checkpoint_from_other_params_is_not_restored(interrupted_project: Path, tmp_path: Path) -> None:
+    """`dvc repro` deletes out/ckpt.pt before each run; a resumed run must not put back one from other params."""
+    project = copy_project(interrupted_project, tmp_path / "project")
+    set_params(project, {"train": {"learning_rate": 2 * float(read_params(project)["train"]["learning_rate"])}})
+    for _ in range(2):  # stop the new run twice before its first evaluation writes a checkpoint
+        (project / "out" / "ckpt.pt").unlink(missing_ok=True)
+        stopped = signal_at_step(project, signal.SIGINT, at_step=3)
+        assert stopped.returncode == 128 + signal.SIGINT, stopped.stderr
+    assert "resuming from step 3 " in stopped.stdout
+    assert not (project / "out" / "ckpt.pt").exists()
+
+
+# ---------------------------------------------------------------- atomic saves
+
+def _failing_save(fail_after: int):
+    """A torch.save that writes the first `fail_after` bytes of the real file, then fails like a full disk."""
+    real_save = torch.save
+
+    def save(obj: Any, f: Any) -> None:
+        import io
+
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[:fail_after])
+        f.flush()
+        raise OSError(28, "No space left on device")
+
+    return save
+
+
+def test_failed_checkpoint_save_keeps_previous_checkpoint(trained_project: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from nanogpt import files
+    from nanogpt.checkpoint import load_checkpoint, save_checkpoint
+
+    out = copy_project(trained_project, tmp_path / "project") / "out"
+    before = (out / "ckpt.pt").read_bytes()
+    model, tokenizer, meta = load_checkpoint(out / "ckpt.pt")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+
+    monkeypatch.setattr(files.torch, "save", _failing_save(fail_after=len(before) // 2))
+    with pytest.raises(OSError):
+        save_checkpoint(out / "ckpt.pt", model, tokenizer, step=meta["step"] + 1, val_loss=0.0)
+    monkeypatch.undo()
+
+    assert (out / "ckpt.pt").read_bytes() == before
+    assert load_checkpoint(out / "ckpt.pt")[2] == meta
+    assert sorted(p.name for p in out.iterdir()) == [".gitignore", "ckpt.pt"]
+
+
+# Run in a child: save a changed checkpoint over out/ckpt.pt, but stop half-way through the bytes and wait
+# to be killed, as a power cut or the OOM killer would stop it.
+KILLED_MID_SAVE = """
+import io, sys, time
+import torch
+from nanogpt import files
+from nanogpt.checkpoint import load_checkpoint, save_checkpoint
+
+real_save = torch.save
+def save_half_then_hang(obj, f):
+    buffer = io.BytesIO()
+    real_save(obj, buffer)
+    f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    f.flush()
+    print("half written", flush=True)
+    time.sleep(600)
+
+model, tokenizer, meta = load_checkpoint("out/ckpt.pt")
+files.torch.save = save_half_then_hang
+save_checkpoint("out/ckpt.pt", model, tokenizer, meta["step"] + 1, 0.0)
+"""
+
+
+def test_checkpoint_killed_mid_save_keeps_previous_checkpoint(trained_project: Path, tmp_path: Path) -> None:
+    from nanogpt.checkpoint import load_checkpoint
+
+    project = copy_project(trained_project, tmp_path / "project")
+    before = (project / "out" / "ckpt.pt").read_bytes()
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_MID_SAVE], cwd=project, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "half written\n", proc.stderr.read() if proc.stderr else ""
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+
+    assert (project / "out" / "ckpt.pt").read_bytes() == before
+    _, _, meta = load_checkpoint(project / "out" / "ckpt.pt")
+    assert meta["step"] == torch.load(project / "out" / "ckpt.pt", weights_only=True)["step"]
+    # the half-written bytes may stay behind, but only under a temporary name
+    leftovers = [p.name for p in (project / "out").iterdir() if p.name not in (".gitignore", "ckpt.pt")]
+    assert all(name.startswith(".ckpt.pt.") and name.endswith(".tmp") for name in leftovers), leftovers
+
+
+# Run in a child: a stage, recording every path opened for writing and every rename, to writes.json.
+WRITES_RECORDED = """
+import builtins, io, json, os, runpy, sys
+
+writes, renames = [], []
+real_open, real_os_open, real_replace = builtins.open, os.open, os.replace
+
+def recording_open(file, mode="r", *args, **kwargs):
+    if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+"):
+        writes.append(os.fspath(file))
+    return real_open(file, mode, *args, **kwargs)
+
+def recording_os_open(path, flags, *args, **kwargs):
+    if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+        writes.append(os.fspath(path))
+    return real_os_open(path, flags, *args, **kwargs)
+
+def recording_replace(src, dst, *args, **kwargs):
+    renames.append([os.fspath(src), os.fspath(dst)])
+    return real_replace(src, dst, *args, **kwargs)
+
+builtins.open = io.open = recording_open
+os.open, os.replace = recording_os_open, recording_replace
+stage, sys.argv = sys.argv[1], sys.argv[1:]
+try:
+    runpy.run_module(f"stages.{stage}", run_name="__main__", alter_sys=True)
+finally:
+    with real_open("writes.json", "w") as f:
+        json.dump({"writes": writes, "renames": renames}, f)
+"""
+
+ATOMIC_OUTPUTS = {
+    "download": ["data/input.txt"],
+    "encode": ["data/train.pt", "data/val.pt", "data/vocab.json"],
+    "train": ["out/ckpt.pt", "out/resume/state.pt", "metrics/train.json", "metrics/train_loss.tsv",
+              "metrics/val_loss.tsv"],
+    "sample": ["out/samples.txt", "metrics/sample.json"],
+}
+
+
+@pytest.mark.parametrize("stage", ATOMIC_OUTPUTS)
+def test_outputs_are_written_to_a_temporary_file_and_renamed(interrupted_project: Path, tmp_path: Path,
+                                                             stage: str) -> None:
+    # the interrupted project: the train stage resumes, so restoring the checkpoint is covered too
+    project = copy_project(interrupted_project, tmp_path / "project")
+    corpus = Path(shutil.copy(project / "data" / "input.txt", tmp_path / "corpus.txt"))
+    set_params(project, {"data": {"url": corpus.as_uri(), "sha256": hashlib.sha256(corpus.read_bytes()).hexdigest()}})
+    args = ["--output", "out/samples.txt", "--metrics", "metrics/sample.json"] if stage == "sample" else []
+    proc = subprocess.run([sys.executable, "-c", WRITES_RECORDED, stage, *args], cwd=project, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+
+    record = json.loads((project / "writes.json").read_text())
+    written = {os.path.relpath(p, project) if os.path.isabs(p) else os.path.normpath(p) for p in record["writes"]}
+    written = {p for p in written if p.split(os.sep)[0] in ("data", "out", "metrics")}
+    assert written, "no writes recorded"
+    renamed = {}
+    for src, dst in record["renames"]:
+        src, dst = (os.path.relpath(p, project) if os.path.isabs(p) else os.path.normpath(p) for p in (src, dst))
+        assert os.path.dirname(src) == os.path.dirname(dst), f"{src} renamed across folders to {dst}"
+        renamed[dst] = src
+    opened_in_place = sorted(written & set(renamed)) + sorted(p for p in written if p in ATOMIC_OUTPUTS[stage])
+    assert not opened_in_place, f"written in place, not renamed into place: {opened_in_place}"
+    assert set(ATOMIC_OUTPUTS[stage]) <= set(renamed), f"renamed into place: {sorted(renamed)}"
+    assert all(renamed[dst] in written or dst == "out/resume/best.pt" for dst in renamed)
+
+
+# ---------------------------------------------------------------- non-finite loss
+
+NON_FINITE = re.compile(r"^error: loss or gradient became non-finite at step (\d+); training stopped, (.*)$")
+
+
+def _snapshot(project: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(project)): p.read_bytes()
+            for folder in ("out", "metrics") for p in sorted((project / folder).rglob("*")) if p.is_file()}
+
+
+def test_exploding_learning_rate_stops_and_keeps_existing_checkpoint(trained_project: Path, tmp_path: Path) -> None:
+    project = copy_project(trained_project, tmp_path / "project")
+    set_params(project, {"train": {"learning_rate": 1e6, "grad_clip": 0.0}})
+    before = _snapshot(project)
+
+    proc = run_stage(project, "train", check=False)
+
+    assert proc.returncode != 0
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    match = NON_FINITE.match(proc.stderr.strip())
+    assert match, proc.stderr
+    assert 1 <= int(match[1]) < EVAL_INTERVAL  # it blows up before this run's first evaluation
+    assert "no checkpoint was written" in match[2]
+    assert _snapshot(project) == before  # checkpoint, metrics: byte-identical; no resume state saved
+
+
+# Run in a child: the train stage, with the training loss turned to NaN at one optimizer step and a copy of
+# every checkpoint kept as it was written, so the test can compare the bytes afterwards.
+NAN_AT_STEP = """
+import runpy, shutil, sys
+from pathlib import Path
+import nanogpt.model, nanogpt.train
+
+bad_step, what = int(sys.argv[1]), sys.argv[2]
+forward, save = nanogpt.model.GPT.forward, nanogpt.train.save_checkpoint
+calls = 0
+
+def poisoned_forward(self, *args, **kwargs):
+    global calls
+    logits, loss = forward(self, *args, **kwargs)
+    if self.training and loss is not None:
+        calls += 1
+        if calls == bad_step and what == "loss":
+            loss = loss * float("nan")
+        elif calls == bad_step:  # a finite loss whose gradients are not
+            loss.register_hook(lambda grad: grad * float("inf"))
+    return logits, loss
+
+def recorded_save(path, model, tokenizer, step, val_loss):
+    save(path, model, tokenizer, step, val_loss)
+    shutil.copyfile(path, Path("written") / f"ckpt-{step}.pt")
+
+nanogpt.model.GPT.forward = poisoned_forward
+nanogpt.train.save_checkpoint = recorded_save
+Path("written").mkdir()
+sys.argv = ["stages/train.py"]
+runpy.run_module("stages.train", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_non_finite_value_names_step_and_keeps_last_good_checkpoint(fresh_project: Path, what: str) -> None:
+    bad_step = 2 * EVAL_INTERVAL + 3
+    proc = subprocess.run([sys.executable, "-c", NAN_AT_STEP, str(bad_step), what], cwd=fresh_project, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+
+    assert proc.returncode != 0
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    match = NON_FINITE.match(proc.stderr.strip())
+    assert match, proc.stderr
+    assert int(match[1]) == bad_step
+    written = sorted(int(p.stem.split("-")[1]) for p in (fresh_project / "written").iterdir())
+    assert written and max(written) < bad_step
+    last_good = max(written)
+    assert f"the last good checkpoint out/ckpt.pt (step {last_good}) is untouched" in match[2]
+    checkpoint = (fresh_project / "out" / "ckpt.pt").read_bytes()
+    assert checkpoint == (fresh_project / "written" / f"ckpt-{last_good}.pt").read_bytes()
+    series = (fresh_project / "metrics" / "train_loss.tsv").read_text().splitlines()[1:]
+    assert max(int(line.split("\t")[0]) for line in series) < bad_step  # the bad step was never logged

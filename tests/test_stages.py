@@ -1,0 +1,367 @@
+"""Bad inputs to each stage: one `error: ...` line on stderr, no traceback, a non-zero exit, nothing overwritten.
+
+Every test runs a stage as a subprocess (`python -m stages.<name>`) in a copy of a tiny trained project and
+compares the bytes of data/, out/ and metrics/ before and after.
+"""
+
+import http.server
+import json
+import os
+import random
+import shutil
+import socket
+import string
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "nanogpt", ".dvc/config", ".dvcignore", ".gitignore",
+                 "data/.gitignore", "out/.gitignore")
+TINY_PARAMS = {
+    "model": {"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.1},
+    "train": {"batch_size": 8, "max_iters": 20, "warmup_iters": 5, "eval_interval": 10, "eval_iters": 2,
+              "resume_interval": 10, "device": "cpu", "compile": False, "dtype": "fp32"},
+}
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+SAMPLE = ["--checkpoint", "out/ckpt.pt", "--vocab", "data/vocab.json", "--output", "out/samples.txt",
+          "--metrics", "metrics/sample.json"]
+DELETE = object()  # a set_params value that removes the key
+
+
+# ---------------------------------------------------------------- project helpers (conftest material)
+
+def write_corpus(path: Path, size: int = 30_000, seed: int = 0) -> None:
+    """Seeded random 'sentences' of random lowercase words: ~`size` bytes of text with punctuation."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(1, 8))) for _ in range(400)]
+    lines, total = [], 0
+    while total < size:
+        line = " ".join(rng.choice(words) for _ in range(rng.randint(2, 12))).capitalize()
+        line += rng.choice(".,;:!?") + "\n"
+        lines.append(line)
+        total += len(line)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(lines), encoding="utf-8")
+
+
+def set_params(project: Path, updates: dict[str, dict[str, Any]]) -> None:
+    """Merge `{"section": {"key": value}}` into the project's params.yaml (DELETE removes the key)."""
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for section, values in updates.items():
+        for key, value in values.items():
+            if value is DELETE:
+                del params[section][key]
+            else:
+                params[section][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+
+
+def make_project(root: Path) -> Path:
+    """A copy of the project's pipeline and code at `root` with a generated corpus and tiny CPU params."""
+    for name in PROJECT_FILES:
+        src, dst = REPO / name, root / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    write_corpus(root / "data" / "input.txt")
+    set_params(root, TINY_PARAMS)
+    return root
+
+
+def run_stage(project: Path, name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"stages.{name}", *args], cwd=project, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+
+
+def snapshot(project: Path) -> dict[str, bytes]:
+    """Every file under data/, out/ and metrics/ (temporary files too), by path."""
+    return {str(p.relative_to(project)): p.read_bytes()
+            for folder in ("data", "out", "metrics") for p in sorted((project / folder).rglob("*")) if p.is_file()}
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """One `error: ...` line naming each of `fragments`, no traceback, a non-zero exit; return the line."""
+    assert proc.returncode != 0, f"exit 0\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    print(lines[0])  # shown by `pytest -rP`: the list of messages
+    return lines[0]
+
+
+def run_expecting_error(project: Path, stage: str, args: list[str], *fragments: str) -> str:
+    before = snapshot(project)
+    message = assert_user_error(run_stage(project, stage, *args), *fragments)
+    assert snapshot(project) == before, "an output file was changed, added or removed"
+    return message
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def trained_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Encoded, trained and sampled once: every output a bad input could overwrite exists. Don't change it."""
+    project = make_project(tmp_path_factory.mktemp("trained") / "project")
+    for stage, args in (("encode", []), ("train", []), ("sample", [*SAMPLE, "--num_tokens", "50"])):
+        proc = run_stage(project, stage, *args)
+        assert proc.returncode == 0, proc.stderr
+    return project
+
+
+@pytest.fixture
+def trained(trained_template: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(trained_template, tmp_path / "project"))
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    body = b"a tiny corpus\n" * 100
+
+    def do_GET(self) -> None:
+        if self.path == "/corpus.txt":
+            self._reply(200, self.body, len(self.body))
+        elif self.path == "/truncated.txt":  # promises more bytes than it sends, then hangs up
+            self._reply(200, self.body[:500], len(self.body))
+        elif self.path == "/error.txt":
+            self._reply(500, b"oops", 4)
+        else:
+            self._reply(404, b"not found", 9)
+
+    def _reply(self, status: int, body: bytes, length: int) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(length))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def bad_http_server() -> Iterator[str]:
+    """Base URL of a loopback HTTP server: /corpus.txt, /truncated.txt, /error.txt (500), anything else 404."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- params
+
+PARAM_CASES = {
+    "wrong type": ({"model": {"n_layer": "two"}}, ["model.n_layer must be an integer", "'two'"]),
+    "float for an integer": ({"train": {"batch_size": 8.5}}, ["train.batch_size must be an integer", "8.5"]),
+    "string for a boolean": ({"model": {"gradient_checkpointing": "yes"}},
+                             ["model.gradient_checkpointing must be true or false", "'yes'"]),
+    "negative learning rate": ({"train": {"learning_rate": -0.001}}, ["train.learning_rate must be > 0", "-0.001"]),
+    "dropout of 1": ({"model": {"dropout": 1.0}}, ["model.dropout must be in [0, 1)", "1.0"]),
+    "n_embd not divisible by n_head": ({"model": {"n_embd": 30, "n_head": 4}},
+                                       ["model.n_embd (30) must be divisible by model.n_head (4)"]),
+    "batch_size 0": ({"train": {"batch_size": 0}}, ["train.batch_size must be >= 1, got 0"]),
+    "unknown device": ({"train": {"device": "tpu"}}, ["train.device", "'tpu'"]),
+    "unknown dtype": ({"train": {"dtype": "fp8"}}, ["train.dtype", "'fp8'"]),
+    "misspelt key": ({"train": {"learnig_rate": 0.001}}, ["unknown parameter train.learnig_rate"]),
+    "missing key": ({"train": {"seed": DELETE}}, ["missing train.seed"]),
+    "several problems at once": ({"model": {"n_layer": "two"}, "train": {"batch_size": 0}, "sample": {"top_p": 2}},
+                                 ["model.n_layer", "train.batch_size", "sample.top_p"]),
+    "block_size longer than the validation split": ({"model": {"block_size": 4000}},
+                                                    ["model.block_size (4000)", "encode.val_fraction"]),
+    "cuda on a machine without it": ({"train": {"device": "cuda"}}, ["train.device is 'cuda'", "no CUDA device"]),
+}
+
+
+@pytest.mark.parametrize("case", PARAM_CASES)
+def test_bad_params_stop_training_before_any_output_is_touched(trained: Path, case: str) -> None:
+    updates, fragments = PARAM_CASES[case]
+    if case.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    set_params(trained, updates)
+    run_expecting_error(trained, "train", [], *fragments)
+
+
+def test_params_file_that_is_not_yaml(trained: Path) -> None:
+    (trained / "params.yaml").write_text("model: [block_size: 32\n")
+    run_expecting_error(trained, "train", [], "params.yaml is not valid YAML")
+
+
+def test_missing_params_file(trained: Path) -> None:
+    run_expecting_error(trained, "encode", ["--params", "nope.yaml"], "nope.yaml not found")
+
+
+# ---------------------------------------------------------------- download
+
+def test_download_of_missing_file(trained: Path) -> None:
+    set_params(trained, {"data": {"url": "file:///nonexistent/input.txt"}})
+    run_expecting_error(trained, "download", [], "/nonexistent/input.txt not found", "data.url")
+
+
+def test_download_with_wrong_sha256_writes_nothing(trained: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.txt"
+    other.write_text("not the corpus\n")
+    set_params(trained, {"data": {"url": other.as_uri(), "sha256": "0" * 64}})
+    run_expecting_error(trained, "download", [], "sha256", "0" * 64, "nothing was written")
+
+
+def test_download_from_unreachable_host_suggests_a_local_copy(trained: Path) -> None:
+    url = f"http://127.0.0.1:{closed_port()}/x"
+    set_params(trained, {"data": {"url": url, "retries": 0, "timeout": 5}})
+    run_expecting_error(trained, "download", [], "cannot reach 127.0.0.1", "dvc exp run -S data.url=file:///")
+
+
+def test_download_http_404(trained: Path, bad_http_server: str) -> None:
+    set_params(trained, {"data": {"url": f"{bad_http_server}/missing.txt", "retries": 0}})
+    run_expecting_error(trained, "download", [], "HTTP 404", f"{bad_http_server}/missing.txt", "data.url")
+
+
+def test_download_http_500_after_retries(trained: Path, bad_http_server: str) -> None:
+    set_params(trained, {"data": {"url": f"{bad_http_server}/error.txt", "retries": 0}})
+    run_expecting_error(trained, "download", [], "HTTP 500", "after 1 attempt")
+
+
+def test_download_cut_off_writes_nothing(trained: Path, bad_http_server: str) -> None:
+    set_params(trained, {"data": {"url": f"{bad_http_server}/truncated.txt", "retries": 0}})
+    run_expecting_error(trained, "download", [], "cut off")
+
+
+def test_download_url_with_unknown_scheme(trained: Path) -> None:
+    set_params(trained, {"data": {"url": "ftp://example.com/input.txt"}})
+    run_expecting_error(trained, "download", [], "data.url must start with http://, https:// or file://")
+
+
+# ---------------------------------------------------------------- data
+
+DATA_CASES = {
+    "empty file": (b"", ["data/input.txt is empty"]),
+    "not UTF-8": ("café\n".encode("latin-1") * 50, ["data/input.txt is not valid UTF-8", "byte 3"]),
+    "validation split with new characters": (b"abc abc cab\n" * 20 + b"XYZ", ["validation split", "'XYZ'"]),
+}
+
+
+@pytest.mark.parametrize("case", DATA_CASES)
+def test_bad_corpus_stops_encode(trained: Path, case: str) -> None:
+    content, fragments = DATA_CASES[case]
+    (trained / "data" / "input.txt").write_bytes(content)
+    run_expecting_error(trained, "encode", [], *fragments)
+
+
+def test_missing_corpus_stops_encode(trained: Path) -> None:
+    (trained / "data" / "input.txt").unlink()
+    run_expecting_error(trained, "encode", [], "data/input.txt not found")
+
+
+def test_text_too_short_for_one_block_names_block_size(trained: Path) -> None:
+    (trained / "data" / "input.txt").write_text("abc abc cab.\n" * 2)
+    assert run_stage(trained, "encode").returncode == 0
+    run_expecting_error(trained, "train", [], "model.block_size (32)", "the train split has 23")
+
+
+# ---------------------------------------------------------------- sampling
+
+SAMPLE_CASES = {
+    "characters outside the vocabulary": (["--prompt", "the ~é#{"], ["outside the vocabulary", "~", "é", "#", "{"]),
+    "empty prompt": (["--prompt", ""], ["sample.prompt is empty"]),
+    "negative num_tokens": (["--num_tokens", "-1"], ["sample.num_tokens must be >= 0, got -1"]),
+    "num_samples 0": (["--num_samples", "0"], ["sample.num_samples must be >= 1, got 0"]),
+    "top_k 0": (["--top_k", "0"], ["sample.top_k must be null or >= 1, got 0"]),
+    "top_p 0": (["--top_p", "0"], ["sample.top_p must be null or in (0, 1], got 0.0"]),
+    "top_p 1.5": (["--top_p", "1.5"], ["sample.top_p must be null or in (0, 1], got 1.5"]),
+    "negative temperature": (["--temperature", "-1"], ["sample.temperature must be >= 0", "got -1.0"]),
+    "unknown device": (["--device", "tpu"], ["--device", "'tpu'"]),
+    "missing checkpoint": (["--checkpoint", "out/missing.pt"], ["checkpoint out/missing.pt not found"]),
+    "missing vocabulary": (["--vocab", "data/missing.json"], ["vocabulary data/missing.json not found"]),
+}
+
+
+@pytest.mark.parametrize("case", SAMPLE_CASES)
+def test_bad_sampling_input(trained: Path, case: str) -> None:
+    args, fragments = SAMPLE_CASES[case]
+    run_expecting_error(trained, "sample", [*SAMPLE, *args], *fragments)
+
+
+def test_sampling_on_cuda_without_it(trained: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    run_expecting_error(trained, "sample", [*SAMPLE, "--device", "cuda"], "--device is 'cuda'", "no CUDA device")
+
+
+def _truncated(ckpt: Path) -> bytes:
+    return ckpt.read_bytes()[: ckpt.stat().st_size // 2]
+
+
+def _foreign(ckpt: Path) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"weights": torch.zeros(3)}, buffer)
+    return buffer.getvalue()
+
+
+BAD_CHECKPOINTS = {
+    "truncated": (_truncated, ["checkpoint out/bad.pt is corrupt or not a file this project wrote"]),
+    "text file": (lambda ckpt: b"hello\n", ["checkpoint out/bad.pt is corrupt or not a file this project wrote"]),
+    "another program's tensors": (_foreign, ["checkpoint out/bad.pt is not a checkpoint of this project"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHECKPOINTS)
+def test_bad_checkpoint_file_is_named(trained: Path, case: str) -> None:
+    make, fragments = BAD_CHECKPOINTS[case]
+    (trained / "out" / "bad.pt").write_bytes(make(trained / "out" / "ckpt.pt"))
+    run_expecting_error(trained, "sample", [*SAMPLE, "--checkpoint", "out/bad.pt"], *fragments)
+
+
+def test_checkpoint_trained_on_another_vocabulary(trained: Path) -> None:
+    (trained / "data" / "other_vocab.json").write_text(json.dumps({"kind": "char", "chars": "\n abc"}))
+    run_expecting_error(trained, "sample", [*SAMPLE, "--vocab", "data/other_vocab.json"],
+                        "checkpoint out/ckpt.pt was trained with another vocabulary than data/other_vocab.json")
+
+
+def test_top_k_larger_than_vocabulary_is_clamped(trained: Path) -> None:
+    vocab_size = len(json.loads((trained / "data" / "vocab.json").read_text())["chars"])
+    proc = run_stage(trained, "sample", *SAMPLE, "--top_k", "1000", "--num_tokens", "20")
+    assert proc.returncode == 0, proc.stderr
+    assert f"note: sample.top_k (1000) is larger than the vocabulary; clamped to {vocab_size}" in proc.stdout
+    print(proc.stdout.strip())
+
+
+def test_temperature_zero_is_greedy(trained: Path) -> None:
+    outputs = []
+    for seed in ("1", "2"):  # greedy decoding ignores the seed
+        proc = run_stage(trained, "sample", *SAMPLE, "--temperature", "0", "--num_tokens", "40", "--seed", seed)
+        assert proc.returncode == 0, proc.stderr
+        outputs.append((trained / "out" / "samples.txt").read_text())
+    assert outputs[0] == outputs[1]
+    assert len(outputs[0]) == len("\n") + 40 + len("\n")
+
+
+def test_prompt_and_generation_longer_than_block_size(trained: Path) -> None:
+    block_size = TINY_PARAMS["model"]["block_size"]
+    prompt = (trained / "data" / "input.txt").read_text()[: 3 * block_size]
+    num_tokens = 3 * block_size
+    proc = run_stage(trained, "sample", *SAMPLE, "--prompt", prompt, "--num_tokens", str(num_tokens))
+    assert proc.returncode == 0, proc.stderr
+    text = (trained / "out" / "samples.txt").read_text()
+    assert text.startswith(prompt)
+    assert len(text) == len(prompt) + num_tokens + len("\n")
