@@ -183,18 +183,16 @@ class _Trainer:
     def run(self) -> dict[str, Any]:
         tc = self.tc
         params = list(self.model.parameters())
-        losses = torch.zeros(tc.max_iters, device=self.device)
-        norms = torch.zeros(tc.max_iters, device=self.device)
-        checked = self.step  # steps before this one were checked for non-finite values
+        self.losses = torch.zeros(tc.max_iters, device=self.device)  # on the device: no per-step host sync
+        self.norms = torch.zeros(tc.max_iters, device=self.device)
+        self.flushed = self.step  # steps before this one are checked and logged
         self.start_step = self.step
         self.interval_start = time.perf_counter()
         self.intervals: list[tuple[int, float]] = []  # (tokens, seconds) between evaluations
         with _StopFlag() as stop:
             while self.step < tc.max_iters:
                 if distributed.any_rank(stop.signum is not None, self.dist):  # all ranks stop at one step
-                    # the state's series must reach self.step: the resumed run logs from there on
-                    self._check_finite(losses, norms, checked, self.step)
-                    self._log_train(losses, checked, self.step)
+                    self._flush()  # the state's series must reach self.step: the resumed run logs from there
                     self._save_resume()
                     self.progress.close()
                     raise Interrupted(stop.signum or signal.SIGTERM, self.step)
@@ -205,9 +203,9 @@ class _Trainer:
                 for opt in self.optimizers:
                     self.scaler.unscale_(opt)
                 norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or math.inf)
-                losses[self.step], norms[self.step] = loss, norm
+                self.losses[self.step], self.norms[self.step] = loss, norm
                 if self.device.type != "cuda":  # a host check is free here: stop before the update
-                    self._check_finite(losses, norms, self.step, self.step + 1)
+                    self._check_finite(self.step, self.step + 1)
                 for opt in self.optimizers:
                     self.scaler.step(opt)
                 self.scaler.update()
@@ -216,15 +214,11 @@ class _Trainer:
                 self.step += 1
                 self.progress.step(self.step)
                 if self.step % tc.eval_interval == 0 or self.step == tc.max_iters:
-                    self._check_finite(losses, norms, checked, self.step)
-                    self._log_train(losses, checked, self.step)
-                    checked = self.step
+                    self._flush()
                     self._evaluate()
                 if tc.resume_interval and self.step % tc.resume_interval == 0 and self.step < tc.max_iters:
-                    self._check_finite(losses, norms, checked, self.step)
-                    self._log_train(losses, checked, self.step)
-                    checked = self.step
-                    saving = time.perf_counter()
+                    self._flush()
+                    saving = time.perf_counter()  # saving is not training: keep it out of tokens/s
                     self._save_resume()
                     self.interval_start += time.perf_counter() - saving
         self.progress.close()
@@ -233,6 +227,12 @@ class _Trainer:
         if self.dist.is_main:
             self.store.clear()
         return self._summary()
+
+    def _flush(self) -> None:
+        """Check the steps since the last flush for non-finite values and log their losses (one host sync)."""
+        self._check_finite(self.flushed, self.step)
+        self._log_train(self.flushed, self.step)
+        self.flushed = self.step
 
     def _accumulate_gradients(self) -> torch.Tensor:
         """Forward and backward over this rank's share of one optimizer step's batch; the mean loss."""
@@ -254,10 +254,10 @@ class _Trainer:
             total += loss.detach()
         return total / self.tc.grad_accum_steps
 
-    def _check_finite(self, losses: torch.Tensor, norms: torch.Tensor, start: int, end: int) -> None:
-        bad = ~torch.isfinite(losses[start:end])
+    def _check_finite(self, start: int, end: int) -> None:
+        bad = ~torch.isfinite(self.losses[start:end])
         if not self.scaler.is_enabled():  # with fp16's scaler, inf gradients are skipped steps, not errors
-            bad |= ~torch.isfinite(norms[start:end])
+            bad |= ~torch.isfinite(self.norms[start:end])
         if bad.any():
             step = start + int(bad.nonzero()[0]) + 1
             where = (f"the last good checkpoint {self.paths.checkpoint} (step {self.best_step}) is untouched"
@@ -265,9 +265,9 @@ class _Trainer:
             raise UserError(f"loss or gradient became non-finite at step {step}; training stopped, {where}: "
                             "lower train.learning_rate or use train.dtype=bf16/fp32")
 
-    def _log_train(self, losses: torch.Tensor, start: int, end: int) -> None:
+    def _log_train(self, start: int, end: int) -> None:
         # each rank holds the loss of its own share of the batch: log the mean, the whole batch's loss
-        values = distributed.all_reduce_sum(losses[start:end].clone(), self.dist) / self.dist.world_size
+        values = distributed.all_reduce_sum(self.losses[start:end].clone(), self.dist) / self.dist.world_size
         self.metrics.train_rows.extend(
             (step + 1, value, lr_factor(step, self.tc) * self.tc.learning_rate)
             for step, value in zip(range(start, end), values.tolist()))
