@@ -5,6 +5,7 @@ missing key is an error rather than a silent fallback.
 """
 
 import dataclasses
+import inspect
 import re
 import types
 import typing
@@ -125,18 +126,19 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         if not isinstance(values, dict):
             problems.append(f"missing section {field.name!r}")
             continue
-        sections[field.name] = _build_section(section_type, field.name, values, problems)
+        valid = _typed_values(section_type, field.name, values, problems)
+        problems.extend(_range_problems(field.name, valid))
+        if len(valid) == len(typing.get_type_hints(section_type)):
+            sections[field.name] = section_type(**valid)
     for name in sorted(set(raw) - {f.name for f in dataclasses.fields(Config)}):
         problems.append(f"unknown section {name!r}")
-    for name, section in sections.items():
-        if section is not None:
-            problems.extend(_RANGE_CHECKS[name](section))
     if problems:
         raise UserError("invalid params: " + "; ".join(problems))
     return Config(**sections)
 
 
-def _build_section(cls: type, section: str, values: dict[str, Any], problems: list[str]) -> Any:
+def _typed_values(cls: type, section: str, values: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """The section's values that have the right type; a problem for each missing, mistyped or unknown key."""
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, hint in hints.items():
@@ -151,7 +153,7 @@ def _build_section(cls: type, section: str, values: dict[str, Any], problems: li
             problems.append(f"{key} must be {_describe(hint)}, got {values[name]!r}")
     for name in sorted(set(values) - set(hints)):
         problems.append(f"unknown parameter {section}.{name}")
-    return cls(**kwargs) if len(kwargs) == len(hints) else None
+    return kwargs
 
 
 def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
@@ -198,77 +200,68 @@ def _describe(hint: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
 
 
-def _failed(checks: list[tuple[bool, str]]) -> list[str]:
-    return [message for ok, message in checks if not ok]
+def _range_problems(section: str, valid: dict[str, Any]) -> list[str]:
+    """Messages of the section's rules that fail; a rule whose keys are missing or mistyped is skipped,
+    so a type error in one key hides no range error in another."""
+    problems = []
+    for rule, message in _RULES[section]:
+        names = inspect.signature(rule).parameters
+        if all(name in valid for name in names):
+            args = {name: valid[name] for name in names}
+            if not rule(**args):
+                problems.append(f"{section}.{message.format(**args)}")
+    return problems
 
 
-def _check_data(d: DataConfig) -> list[str]:
-    return _failed([
-        (d.url.split("://")[0] in ("http", "https", "file") and "://" in d.url,
-         f"data.url must start with http://, https:// or file://, got {d.url!r}"),
-        (re.fullmatch(r"[0-9a-fA-F]{64}", d.sha256) is not None,
-         f"data.sha256 must be 64 hex digits, got {d.sha256!r}"),
-        (d.timeout > 0, f"data.timeout must be > 0, got {d.timeout}"),
-        (d.retries >= 0, f"data.retries must be >= 0, got {d.retries}"),
-    ])
-
-
-def _check_encode(e: EncodeConfig) -> list[str]:
-    return _failed([
-        (0 < e.val_fraction < 1, f"encode.val_fraction must be in (0, 1), got {e.val_fraction}"),
-        (257 <= e.vocab_size <= 65536,
-         f"encode.vocab_size must be in [257, 65536] (256 bytes plus merges), got {e.vocab_size}"),
-    ])
-
-
-def _check_model(m: ModelConfig) -> list[str]:
-    return _failed([
-        (m.block_size >= 1, f"model.block_size must be >= 1, got {m.block_size}"),
-        (m.n_layer >= 1, f"model.n_layer must be >= 1, got {m.n_layer}"),
-        (m.n_head >= 1, f"model.n_head must be >= 1, got {m.n_head}"),
-        (m.n_embd >= 1, f"model.n_embd must be >= 1, got {m.n_embd}"),
-        (m.n_head < 1 or m.n_embd % m.n_head == 0,
-         f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})"),
-        (0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}"),
-    ])
-
-
-def _check_train(t: TrainConfig) -> list[str]:
-    return _failed([
-        (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
-        (t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}"),
-        (t.muon_learning_rate > 0, f"train.muon_learning_rate must be > 0, got {t.muon_learning_rate}"),
-        (t.max_iters >= 1, f"train.max_iters must be >= 1, got {t.max_iters}"),
-        (t.warmup_iters >= 0, f"train.warmup_iters must be >= 0, got {t.warmup_iters}"),
-        (0 <= t.min_lr <= 1, f"train.min_lr must be in [0, 1] (a fraction of learning_rate), got {t.min_lr}"),
-        (t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}"),
-        (0 <= t.beta1 < 1, f"train.beta1 must be in [0, 1), got {t.beta1}"),
-        (0 <= t.beta2 < 1, f"train.beta2 must be in [0, 1), got {t.beta2}"),
-        (t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 turns it off), got {t.grad_clip}"),
-        (t.grad_accum_steps >= 1, f"train.grad_accum_steps must be >= 1, got {t.grad_accum_steps}"),
-        (t.eval_interval >= 1, f"train.eval_interval must be >= 1, got {t.eval_interval}"),
-        (t.eval_iters is None or t.eval_iters >= 1,
-         f"train.eval_iters must be null (whole split) or >= 1, got {t.eval_iters}"),
-        (t.resume_interval >= 0, f"train.resume_interval must be >= 0, got {t.resume_interval}"),
-        (DEVICE_PATTERN.match(t.device) is not None,
-         f"train.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}"),
-    ])
-
-
-def _check_sample(s: SampleConfig) -> list[str]:
-    return _failed([
-        (s.num_tokens >= 0, f"sample.num_tokens must be >= 0, got {s.num_tokens}"),
-        (s.num_samples >= 1, f"sample.num_samples must be >= 1, got {s.num_samples}"),
-        (s.temperature >= 0, f"sample.temperature must be >= 0 (0 is greedy), got {s.temperature}"),
-        (s.top_k is None or s.top_k >= 1, f"sample.top_k must be null or >= 1, got {s.top_k}"),
-        (s.top_p is None or 0 < s.top_p <= 1, f"sample.top_p must be null or in (0, 1], got {s.top_p}"),
-    ])
-
-
-_RANGE_CHECKS = {
-    "data": _check_data,
-    "encode": _check_encode,
-    "model": _check_model,
-    "train": _check_train,
-    "sample": _check_sample,
+# Each rule is a predicate over some keys of a section (its parameter names) and the message when it fails.
+_RULES: dict[str, list[tuple[Any, str]]] = {
+    "data": [
+        (lambda url: "://" in url and url.split("://")[0] in ("http", "https", "file"),
+         "url must start with http://, https:// or file://, got {url!r}"),
+        (lambda sha256: re.fullmatch(r"[0-9a-fA-F]{64}", sha256) is not None,
+         "sha256 must be 64 hex digits, got {sha256!r}"),
+        (lambda timeout: timeout > 0, "timeout must be > 0, got {timeout}"),
+        (lambda retries: retries >= 0, "retries must be >= 0, got {retries}"),
+    ],
+    "encode": [
+        (lambda val_fraction: 0 < val_fraction < 1, "val_fraction must be in (0, 1), got {val_fraction}"),
+        (lambda vocab_size: 257 <= vocab_size <= 65536,
+         "vocab_size must be in [257, 65536] (256 bytes plus merges), got {vocab_size}"),
+    ],
+    "model": [
+        (lambda block_size: block_size >= 1, "block_size must be >= 1, got {block_size}"),
+        (lambda n_layer: n_layer >= 1, "n_layer must be >= 1, got {n_layer}"),
+        (lambda n_head: n_head >= 1, "n_head must be >= 1, got {n_head}"),
+        (lambda n_embd: n_embd >= 1, "n_embd must be >= 1, got {n_embd}"),
+        (lambda n_embd, n_head: n_head < 1 or n_embd % n_head == 0,
+         "n_embd ({n_embd}) must be divisible by model.n_head ({n_head})"),
+        (lambda dropout: 0 <= dropout < 1, "dropout must be in [0, 1), got {dropout}"),
+    ],
+    "train": [
+        (lambda batch_size: batch_size >= 1, "batch_size must be >= 1, got {batch_size}"),
+        (lambda learning_rate: learning_rate > 0, "learning_rate must be > 0, got {learning_rate}"),
+        (lambda muon_learning_rate: muon_learning_rate > 0,
+         "muon_learning_rate must be > 0, got {muon_learning_rate}"),
+        (lambda max_iters: max_iters >= 1, "max_iters must be >= 1, got {max_iters}"),
+        (lambda warmup_iters: warmup_iters >= 0, "warmup_iters must be >= 0, got {warmup_iters}"),
+        (lambda min_lr: 0 <= min_lr <= 1, "min_lr must be in [0, 1] (a fraction of learning_rate), got {min_lr}"),
+        (lambda weight_decay: weight_decay >= 0, "weight_decay must be >= 0, got {weight_decay}"),
+        (lambda beta1: 0 <= beta1 < 1, "beta1 must be in [0, 1), got {beta1}"),
+        (lambda beta2: 0 <= beta2 < 1, "beta2 must be in [0, 1), got {beta2}"),
+        (lambda grad_clip: grad_clip >= 0, "grad_clip must be >= 0 (0 turns it off), got {grad_clip}"),
+        (lambda grad_accum_steps: grad_accum_steps >= 1, "grad_accum_steps must be >= 1, got {grad_accum_steps}"),
+        (lambda eval_interval: eval_interval >= 1, "eval_interval must be >= 1, got {eval_interval}"),
+        (lambda eval_iters: eval_iters is None or eval_iters >= 1,
+         "eval_iters must be null (whole split) or >= 1, got {eval_iters}"),
+        (lambda resume_interval: resume_interval >= 0, "resume_interval must be >= 0, got {resume_interval}"),
+        (lambda device: DEVICE_PATTERN.match(device) is not None,
+         "device must be auto, cpu, cuda, cuda:N or mps, got {device!r}"),
+    ],
+    "sample": [
+        (lambda num_tokens: num_tokens >= 0, "num_tokens must be >= 0, got {num_tokens}"),
+        (lambda num_samples: num_samples >= 1, "num_samples must be >= 1, got {num_samples}"),
+        (lambda temperature: temperature >= 0, "temperature must be >= 0 (0 is greedy), got {temperature}"),
+        (lambda top_k: top_k is None or top_k >= 1, "top_k must be null or >= 1, got {top_k}"),
+        (lambda top_p: top_p is None or 0 < top_p <= 1, "top_p must be null or in (0, 1], got {top_p}"),
+    ],
 }

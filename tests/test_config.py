@@ -99,6 +99,17 @@ def test_every_problem_is_reported_in_one_message(tmp_path):
     assert "missing data.timeout" in message
 
 
+def test_a_type_error_hides_no_range_error_in_the_same_section():
+    message = problems_of(REPO_PARAMS, {"train.batch_size": "x", "train.device": "tpu", "train.beta1": 1.5,
+                                        "model.n_layer": "two", "model.n_head": 5})
+
+    assert message.count(";") == 4
+    for expected in ("train.batch_size must be an integer, got 'x'", "train.device must be auto",
+                     "train.beta1 must be in [0, 1), got 1.5", "model.n_layer must be an integer, got 'two'",
+                     "model.n_embd (384) must be divisible by model.n_head (5)"):
+        assert expected in message
+
+
 @pytest.mark.parametrize("name, value, expected", [
     ("train.batch_size", "x", "train.batch_size must be an integer, got 'x'"),
     ("train.batch_size", 2.5, "train.batch_size must be an integer, got 2.5"),
