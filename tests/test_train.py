@@ -1,0 +1,52 @@
+"""The training loop's optional outputs: TensorBoard event files next to the DVC metrics."""
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from nanogpt import files
+from nanogpt.config import load_config
+from nanogpt.tokenizer import CharTokenizer, save_tokenizer, split_text
+from nanogpt.train import TrainPaths, train
+
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+TINY = {"model.block_size": 16, "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16, "model.dropout": 0.0,
+        "train.batch_size": 4, "train.max_iters": 6, "train.warmup_iters": 1, "train.eval_interval": 3,
+        "train.device": "cpu", "train.compile": False, "train.dtype": "fp32", "train.resume_interval": 0}
+
+
+def encoded_data(folder: Path) -> None:
+    text = "to be, or not to be, that is the question:\n" * 40
+    train_text, val_text = split_text(text, 0.2)
+    tok = CharTokenizer.fit(train_text)
+    files.torch_save(torch.tensor(tok.encode(train_text), dtype=torch.int32), folder / "train.pt")
+    files.torch_save(torch.tensor(tok.encode(val_text), dtype=torch.int32), folder / "val.pt")
+    save_tokenizer(tok, folder / "vocab.json")
+
+
+def test_tensorboard_events_are_written_when_asked(tmp_path):
+    encoded_data(tmp_path / "data")
+    paths = TrainPaths(tmp_path / "data", tmp_path / "out/ckpt.pt", tmp_path / "out/resume", tmp_path / "metrics",
+                       tmp_path / "out/tensorboard")
+    cfg = load_config(REPO_PARAMS, {**TINY, "train.tensorboard": True})
+
+    summary = train(cfg, paths, show_progress=False)
+
+    assert summary["steps"] == 6
+    events = list((tmp_path / "out/tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
+    assert (tmp_path / "metrics/train.json").exists()
+
+
+def test_no_tensorboard_folder_by_default(tmp_path):
+    encoded_data(tmp_path / "data")
+    paths = TrainPaths(tmp_path / "data", tmp_path / "out/ckpt.pt", tmp_path / "out/resume", tmp_path / "metrics",
+                       tmp_path / "out/tensorboard")
+    cfg = load_config(REPO_PARAMS, TINY)
+    assert dataclasses.asdict(cfg.train)["tensorboard"] is False
+
+    train(cfg, paths, show_progress=False)
+
+    assert not (tmp_path / "out/tensorboard").exists()
+    assert (tmp_path / "out/ckpt.pt").exists()
