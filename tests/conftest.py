@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+import torch
 import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +64,7 @@ TINY_PARAMS: dict[str, Any] = {
 }
 
 STAGES = ("download", "encode", "train", "sample")
+DELETE = object()  # a set_params value that removes the key
 
 _WORDS = (
     "the and to of a my i you that in is not with me it for be his your this but he have as thou so him "
@@ -95,6 +97,16 @@ def make_corpus(size: int = 40_000, seed: int = 0) -> bytes:
         parts.append(paragraph)
         length += len(paragraph)
     return "".join(parts).encode("ascii")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread: on a busy machine several spin-wait for each other (the
+    subprocesses get the same through OMP_NUM_THREADS in tool_env)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -181,6 +193,8 @@ def tool_env(project: Path) -> dict[str, str]:
         NO_PROXY="127.0.0.1,localhost",
         no_proxy="127.0.0.1,localhost",
         PYTHONDONTWRITEBYTECODE="1",
+        PYTHONUNBUFFERED="1",  # stage logs arrive line by line, for tests that act on them
+        OMP_NUM_THREADS="1",  # tiny models: more threads only contend on a small CI machine
         PATH=os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")]),
     )
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
@@ -195,9 +209,11 @@ class CommandFailed(subprocess.CalledProcessError):
         return f"{super().__str__()}\n--- stdout ---\n{self.stdout}\n--- stderr ---\n{self.stderr}"
 
 
-def run(project: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run(project: Path, *cmd: str, check: bool = True, timeout: float | None = None
+        ) -> subprocess.CompletedProcess[str]:
     """Run `cmd` in `project` with tool_env, capturing text output; raise CommandFailed if check and it fails."""
-    result = subprocess.run(cmd, cwd=project, env=tool_env(project), capture_output=True, text=True)
+    result = subprocess.run(cmd, cwd=project, env=tool_env(project), capture_output=True, text=True,
+                            timeout=timeout)
     if check and result.returncode != 0:
         raise CommandFailed(result.returncode, cmd, result.stdout, result.stderr)
     return result
@@ -206,6 +222,11 @@ def run(project: Path, *cmd: str, check: bool = True) -> subprocess.CompletedPro
 def dvc(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """`dvc *args` in `project` (with this interpreter's dvc), e.g. dvc(project, "exp", "run", "-S", "train.seed=1")."""
     return run(project, sys.executable, "-m", "dvc", *args, check=check)
+
+
+def run_stage(project: Path, name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`python -m stages.<name> *args` in `project`, as dvc would run it (ten minutes at most)."""
+    return run(project, sys.executable, "-m", f"stages.{name}", *args, check=check, timeout=600)
 
 
 def git(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -239,32 +260,61 @@ def restored_stages(result: subprocess.CompletedProcess[str]) -> set[str]:
     return set(re.findall(r"Stage '([\w@.-]+)' is cached - skipping run", output(result)))
 
 
-def set_params(path: Path, overrides: dict[str, Any]) -> None:
-    """Rewrite the params.yaml at `path` with dotted-key overrides ({"train.max_iters": 30}); a key must exist."""
-    params = yaml.safe_load(path.read_text(encoding="utf-8"))
+def read_params(path: Path) -> dict[str, Any]:
+    """The params.yaml at `path`, parsed."""
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def set_params(path: Path, overrides: dict[str, Any], new_keys: bool = False) -> None:
+    """Rewrite the params.yaml at `path` with dotted-key overrides ({"train.max_iters": 30}; DELETE removes the
+    key). A key must exist unless `new_keys` (for tests of a misspelt parameter)."""
+    params = read_params(path)
     for key, value in overrides.items():
         section, name = key.split(".", 1)
-        if name not in params[section]:
+        if name not in params[section] and not new_keys:
             raise KeyError(f"{key} is not in {path}: TINY_PARAMS is out of date")
-        params[section][name] = value
+        if value is DELETE:
+            del params[section][name]
+        else:
+            params[section][name] = value
     path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
 
 
-def make_project(dest: Path, url: str, sha256: str, overrides: dict[str, Any] | None = None) -> Path:
-    """Copy the project's pipeline into `dest`, apply TINY_PARAMS, the corpus `url`/`sha256` and `overrides`,
-    and commit it all as the first commit of a new git repository on branch main. Returns `dest`."""
+def make_project(dest: Path, url: str | None = None, sha256: str | None = None,
+                 overrides: dict[str, Any] | None = None, corpus: bytes | None = None) -> Path:
+    """Copy the project's pipeline into `dest`, apply TINY_PARAMS, the corpus `url`/`sha256` (if given) and
+    `overrides`, and commit it all as the first commit of a new git repository on branch main. With `corpus`,
+    data/input.txt is already in place (as if downloaded; git-ignored), for tests that run stages directly.
+    Returns `dest`."""
     dest.mkdir(parents=True)
     for name in PROJECT_FILES:
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(PROJECT_ROOT / name, dest / name)
     for name in PROJECT_PACKAGES:
         shutil.copytree(PROJECT_ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    set_params(dest / "params.yaml", {**TINY_PARAMS, "data.url": url, "data.sha256": sha256, **(overrides or {})})
+    source = {"data.url": url, "data.sha256": sha256} if url is not None else {}
+    set_params(dest / "params.yaml", {**TINY_PARAMS, **source, **(overrides or {})})
+    if corpus is not None:
+        (dest / "data" / "input.txt").write_bytes(corpus)
     git(dest, "init", "-q", "--initial-branch=main")
     for key, value in (("user.name", "Test"), ("user.email", "test@example.com"), ("commit.gpgsign", "false")):
         git(dest, "config", key, value)
     commit(dest, "tiny pipeline")
     return dest
+
+
+def copy_project(src: Path, dest: Path) -> Path:
+    """A private copy of the project at `src` (git history, DVC cache and outputs included). Returns `dest`."""
+    # .dvc/tmp holds locks and DVC's site cache, both keyed to the source's path
+    shutil.copytree(src, dest, symlinks=True,
+                    ignore=lambda folder, names: ["tmp"] if Path(folder).name == ".dvc" else [])
+    return dest
+
+
+def snapshot(project: Path, folders: tuple[str, ...] = ("data", "out", "metrics")) -> dict[str, bytes]:
+    """Every file under `folders` of `project` (temporary files too), by path."""
+    return {str(p.relative_to(project)): p.read_bytes()
+            for folder in folders for p in sorted((project / folder).rglob("*")) if p.is_file()}
 
 
 @pytest.fixture
@@ -286,8 +336,4 @@ def _reproduced_template(tmp_path_factory: pytest.TempPathFactory, http_server: 
 def reproduced_project(tmp_path: Path, _reproduced_template: Path) -> Path:
     """Like `project`, but `dvc repro` has run and its results (dvc.lock, metrics) are committed at HEAD, with
     the outputs in the workspace and DVC cache. A private copy of one session-wide run, so it is cheap."""
-    dest = tmp_path / "project"
-    # .dvc/tmp holds locks and DVC's site cache, both keyed to the template's path
-    shutil.copytree(_reproduced_template, dest, symlinks=True,
-                    ignore=lambda folder, names: ["tmp"] if Path(folder).name == ".dvc" else [])
-    return dest
+    return copy_project(_reproduced_template, tmp_path / "project")

@@ -16,7 +16,6 @@ import random
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,8 +24,8 @@ import torch
 import yaml
 from tokenizers import Tokenizer as HfTokenizer
 
-from conftest import (PROJECT_ROOT, STAGES, TINY_PARAMS, dvc, make_corpus, output, ran_stages, restored_stages,
-                      set_params, skipped_stages)
+from conftest import (PROJECT_ROOT, STAGES, TINY_PARAMS, copy_project, dvc, make_corpus, output, ran_stages,
+                      restored_stages, set_params, skipped_stages)
 from nanogpt.checkpoint import load_checkpoint
 from nanogpt.config import load_config
 from nanogpt.sampling import SampleRun, TextStreamer, run_sampling
@@ -40,15 +39,6 @@ UNSEEN_PROMPT = "Ωμέγα 😀 says"
 UNSEEN_CHARS = "Ωμέγα😀"
 # One thread per process: the models are tiny, and on a busy 2-core machine two threads each take 2-3x longer.
 STAGE_ENV = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """In-process training and sampling on one thread (see STAGE_ENV), restored for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def read_tsv(path: Path) -> list[dict[str, float]]:
@@ -351,13 +341,9 @@ class Experiments(NamedTuple):
 def experiments(tmp_path_factory: pytest.TempPathFactory, _reproduced_template: Path) -> Experiments:
     """A private copy of the session's reproduced char project (committed at HEAD), switched to BPE and then to a
     300-token BPE vocabulary by two experiments; the workspace holds the last one's results."""
-    project = tmp_path_factory.mktemp("experiments") / "project"
-    shutil.copytree(_reproduced_template, project, symlinks=True,
-                    ignore=lambda folder, names: ["tmp"] if Path(folder).name == ".dvc" else [])
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("OMP_NUM_THREADS", "1")  # the stages dvc runs inherit it (see STAGE_ENV)
-        to_bpe = dvc(project, "exp", "run", "-n", "bpe-512", "-S", "encode.tokenizer=bpe")
-        to_300 = dvc(project, "exp", "run", "-n", "bpe-300", "-S", "encode.vocab_size=300")
+    project = copy_project(_reproduced_template, tmp_path_factory.mktemp("experiments") / "project")
+    to_bpe = dvc(project, "exp", "run", "-n", "bpe-512", "-S", "encode.tokenizer=bpe")
+    to_300 = dvc(project, "exp", "run", "-n", "bpe-300", "-S", "encode.vocab_size=300")
     return Experiments(project, to_bpe, to_300)
 
 

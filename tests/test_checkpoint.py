@@ -15,15 +15,6 @@ TINY = ModelConfig(block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.1, gr
 TOKENIZER = CharTokenizer.fit("\n abcdefghij")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread: on a busy machine several spin-wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def checkpoint(tmp_path):
     torch.manual_seed(0)

@@ -23,12 +23,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_PARAMS, make_corpus, set_params
+from conftest import TINY_PARAMS, copy_project, make_corpus, make_project, set_params
 
 from nanogpt.config import load_config
 from nanogpt.train import TrainPaths, train
 
-REPO = Path(__file__).resolve().parents[1]
 PARAMS = {**TINY_PARAMS, "train.max_iters": 80}  # eval and resume state every 10 steps
 BATCH = PARAMS["train.batch_size"]
 BLOCK = PARAMS["model.block_size"]
@@ -49,22 +48,9 @@ TIMEOUT = 180  # seconds: a hung collective fails the test instead of the CI job
 @pytest.fixture(scope="module")
 def encoded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's code and params (tiny CPU model, 80 steps) with the encode stage's data/ in place."""
-    root = tmp_path_factory.mktemp("encoded") / "project"
-    root.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy2(REPO / name, root / name)
-    for name in ("stages", "nanogpt"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    set_params(root / "params.yaml", PARAMS)
-    (root / "data").mkdir()
-    (root / "data" / "input.txt").write_bytes(make_corpus())
+    root = make_project(tmp_path_factory.mktemp("encoded") / "project", overrides=PARAMS, corpus=make_corpus())
     subprocess.run([sys.executable, "-m", "stages.encode"], cwd=root, env=ENV, check=True, capture_output=True)
     return root
-
-
-def copy_project(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
 
 
 def train_in_process(project: Path, overrides: dict[str, Any]) -> Path:

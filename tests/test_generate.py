@@ -16,15 +16,6 @@ TOP_K = SamplingParams(temperature=0.8, top_k=4, top_p=None)
 TOP_P = SamplingParams(temperature=1.2, top_k=None, top_p=0.7)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread: on a busy machine several spin-wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def log_probs(*probs: float) -> torch.Tensor:
     """One row of logits whose softmax is `probs`."""
     return torch.tensor([[math.log(p) for p in probs]])

@@ -12,15 +12,6 @@ TINY = ModelConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, g
 VOCAB = 11
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread: on a busy machine several spin-wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(cfg: ModelConfig = TINY, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     return GPT(cfg, VOCAB).eval()

@@ -15,15 +15,6 @@ TRAIN = load_config(Path(__file__).resolve().parents[1] / "params.yaml").train
 TINY = ModelConfig(block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0, gradient_checkpointing=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread: on a busy machine several spin-wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def schedule(warmup: int = 100, max_iters: int = 1100, min_lr: float = 0.1) -> TrainConfig:
     return dataclasses.replace(TRAIN, warmup_iters=warmup, max_iters=max_iters, min_lr=min_lr)
 

@@ -86,7 +86,7 @@ def test_sample_param_reruns_only_sample(reproduced_project: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override", ["train.learning_rate=0.001", "model.n_layer=1"])
+@pytest.mark.parametrize("override", ["train.learning_rate=0.002", "model.n_layer=1"])
 def test_train_or_model_param_reruns_train_and_sample(reproduced_project: Path, override: str) -> None:
     result = dvc(reproduced_project, "exp", "run", "-S", override)
 
@@ -121,14 +121,14 @@ def test_code_change_in_training_reruns_train_not_data_stages(reproduced_project
 def test_experiments_compare_in_show_metrics_diff_and_plots(reproduced_project: Path, tmp_path: Path) -> None:
     project = reproduced_project
     baseline = best_val_loss(project)
-    dvc(project, "exp", "run", "-n", "lr-1e-3", "-S", "train.learning_rate=0.001")
-    lr_1e3 = best_val_loss(project)
+    dvc(project, "exp", "run", "-n", "lr-2e-3", "-S", "train.learning_rate=0.002")
+    lr_2e3 = best_val_loss(project)
 
     # the workspace holds the last experiment's results; HEAD holds the committed baseline
     diff = json.loads(dvc(project, "metrics", "diff", "--json").stdout)["metrics/train.json"]["best_val_loss"]
-    assert (diff["old"], diff["new"]) == (baseline, lr_1e3)
-    assert diff["diff"] == pytest.approx(lr_1e3 - baseline)
-    assert lr_1e3 != baseline
+    assert (diff["old"], diff["new"]) == (baseline, lr_2e3)
+    assert diff["diff"] == pytest.approx(lr_2e3 - baseline)
+    assert lr_2e3 != baseline
 
     dvc(project, "exp", "run", "-n", "lr-3e-3", "-S", "train.learning_rate=0.003")
     lr_3e3 = best_val_loss(project)
@@ -139,28 +139,28 @@ def test_experiments_compare_in_show_metrics_diff_and_plots(reproduced_project: 
         for exp in row.get("experiments") or []:
             for rev in exp["revs"]:
                 experiments[rev["name"]] = rev["data"]
-    assert experiments.keys() == {"lr-1e-3", "lr-3e-3"}
-    for name, lr, loss in (("lr-1e-3", 0.001, lr_1e3), ("lr-3e-3", 0.003, lr_3e3)):
+    assert experiments.keys() == {"lr-2e-3", "lr-3e-3"}
+    for name, lr, loss in (("lr-2e-3", 0.002, lr_2e3), ("lr-3e-3", 0.003, lr_3e3)):
         data = experiments[name]
         assert data["params"]["params.yaml"]["data"]["train"]["learning_rate"] == lr
         assert data["metrics"]["metrics/train.json"]["data"]["best_val_loss"] == loss
 
-    diff = json.loads(dvc(project, "metrics", "diff", "lr-1e-3", "lr-3e-3", "--json").stdout)
-    assert diff["metrics/train.json"]["best_val_loss"]["old"] == lr_1e3
+    diff = json.loads(dvc(project, "metrics", "diff", "lr-2e-3", "lr-3e-3", "--json").stdout)
+    assert diff["metrics/train.json"]["best_val_loss"]["old"] == lr_2e3
     assert diff["metrics/train.json"]["best_val_loss"]["new"] == lr_3e3
 
     plots = tmp_path / "plots"
-    dvc(project, "plots", "diff", "lr-1e-3", "lr-3e-3", "-o", str(plots))
+    dvc(project, "plots", "diff", "lr-2e-3", "lr-3e-3", "-o", str(plots))
     html = (plots / "index.html").read_text(encoding="utf-8")
     assert "Train and validation loss" in html
-    for rev in ("lr-1e-3", "lr-3e-3"):
+    for rev in ("lr-2e-3", "lr-3e-3"):
         assert f'"rev": "{rev}"' in html
 
     # what a user keeps: the better experiment, applied and committed
-    best = "lr-1e-3" if lr_1e3 < lr_3e3 else "lr-3e-3"
+    best = "lr-2e-3" if lr_2e3 < lr_3e3 else "lr-3e-3"
     dvc(project, "exp", "apply", best)
     commit(project, f"apply {best}")
-    assert best_val_loss(project) == min(lr_1e3, lr_3e3)
+    assert best_val_loss(project) == min(lr_2e3, lr_3e3)
     assert dvc(project, "metrics", "diff", "--json").stdout.strip() in ("", "{}")
     assert git(project, "status", "--porcelain").stdout == ""
 

@@ -12,7 +12,6 @@ import random
 import re
 import shutil
 import signal
-import string
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -21,81 +20,20 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "nanogpt", ".dvc/config", ".dvcignore", ".gitignore",
-                 "data/.gitignore", "out/.gitignore")
-# A model small enough for a CPU test; dropout on, so restoring the RNG state matters for exactness.
-TINY_PARAMS = {
-    "model": {"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.1},
-    "train": {"batch_size": 8, "max_iters": 60, "warmup_iters": 5, "eval_interval": 10, "eval_iters": 2,
-              "resume_interval": 10, "device": "cpu", "compile": False, "dtype": "fp32"},
-}
-MAX_ITERS = TINY_PARAMS["train"]["max_iters"]
-EVAL_INTERVAL = TINY_PARAMS["train"]["eval_interval"]
-# One thread: a tiny model gains nothing from more, and on a small shared CI machine they only contend.
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+from conftest import (TINY_PARAMS, commit, copy_project, dvc, make_corpus, make_project, read_params, run_stage,
+                      set_params, snapshot, tool_env)
+
+# Dropout on, so restoring the RNG state matters for exactness; 60 steps: evaluation and resume state every 10.
+OVERRIDES = {"model.dropout": 0.1, "train.max_iters": 60}
+MAX_ITERS = OVERRIDES["train.max_iters"]
+EVAL_INTERVAL = TINY_PARAMS["train.eval_interval"]
 STEP_LINE = re.compile(r"^step (\d+):")
 RESUMING = re.compile(r"^resuming from step (\d+) ", re.MULTILINE)
 TIMING_KEYS = ("tokens_per_sec", "wall_time_s")
 
 
-# ---------------------------------------------------------------- project helpers (conftest material)
-
-def write_corpus(path: Path, size: int = 30_000, seed: int = 0) -> None:
-    """Seeded random 'sentences' of random lowercase words: ~`size` bytes of text with punctuation."""
-    rng = random.Random(seed)
-    words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(1, 8))) for _ in range(400)]
-    lines, total = [], 0
-    while total < size:
-        line = " ".join(rng.choice(words) for _ in range(rng.randint(2, 12))).capitalize()
-        line += rng.choice(".,;:!?") + "\n"
-        lines.append(line)
-        total += len(line)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(lines), encoding="utf-8")
-
-
-def read_params(project: Path) -> dict[str, Any]:
-    return yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
-
-
-def set_params(project: Path, updates: dict[str, dict[str, Any]]) -> None:
-    """Merge `{"section": {"key": value}}` into the project's params.yaml."""
-    params = read_params(project)
-    for section, values in updates.items():
-        params[section].update(values)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
-
-
-def make_project(root: Path) -> Path:
-    """A copy of the project's pipeline and code at `root` with a generated corpus and tiny CPU params."""
-    for name in PROJECT_FILES:
-        src, dst = REPO / name, root / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
-    write_corpus(root / "data" / "input.txt")
-    set_params(root, TINY_PARAMS)
-    return root
-
-
-def copy_project(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, symlinks=True)
-    return dst
-
-
-def run_stage(project: Path, name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", f"stages.{name}", *args], cwd=project, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        pytest.fail(f"stages.{name} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc
-
+# ---------------------------------------------------------------- helpers
 
 # Run in a child: the train stage, sending itself `sig` during the forward pass of optimizer step `at_step`
 # (1-based). A signal from inside lands at an exact step, where one sent after reading the log lands
@@ -123,8 +61,8 @@ runpy.run_module("stages.train", run_name="__main__", alter_sys=True)
 
 
 def signal_at_step(project: Path, sig: signal.Signals, at_step: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", SIGNAL_AT_STEP, sig.name, str(at_step)], cwd=project, env=ENV,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-c", SIGNAL_AT_STEP, sig.name, str(at_step)], cwd=project,
+                          env=tool_env(project), capture_output=True, text=True, timeout=600)
 
 
 @dataclass
@@ -137,7 +75,7 @@ class Stopped:
 def stop_after_log_step(project: Path, sig: int, after_step: int, cmd: list[str]) -> Stopped:
     """Run `cmd` and send `sig` to its process group as soon as the log shows step `after_step` or later
     (as Ctrl-C in a terminal or a CI job's cancel would); wait for it to end."""
-    proc = subprocess.Popen(cmd, cwd=project, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=project, env=tool_env(project), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     seen = []
     try:
@@ -203,7 +141,8 @@ def assert_same_result(got: Result, want: Result) -> None:
 @pytest.fixture(scope="module")
 def encoded_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny project with data/ encoded; copy it, don't change it."""
-    project = make_project(tmp_path_factory.mktemp("encoded") / "project")
+    project = make_project(tmp_path_factory.mktemp("encoded") / "project", overrides=OVERRIDES,
+                           corpus=make_corpus(size=30_000))
     run_stage(project, "encode")
     return project
 
@@ -274,19 +213,16 @@ def test_dvc_repro_resumes_after_signal(encoded_project: Path, reference: Result
     shutil.move(project / "data" / "input.txt", corpus)
     for name in ("train.pt", "val.pt", "vocab.json"):
         (project / "data" / name).unlink()
-    set_params(project, {"data": {"url": corpus.as_uri(), "retries": 0,
-                                  "sha256": hashlib.sha256(corpus.read_bytes()).hexdigest()}})
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "tiny project"]):
-        subprocess.run([*git, *args], cwd=project, check=True, capture_output=True)
-    dvc = [sys.executable, "-m", "dvc", "repro"]
+    set_params(project / "params.yaml", {"data.url": corpus.as_uri(), "data.retries": 0,
+                                         "data.sha256": hashlib.sha256(corpus.read_bytes()).hexdigest()})
+    commit(project, "tiny project")
 
-    stopped = stop_after_log_step(project, sig, after_step=20, cmd=dvc)
+    stopped = stop_after_log_step(project, sig, after_step=20, cmd=[sys.executable, "-m", "dvc", "repro"])
     assert stopped.returncode != 0
     assert f"interrupted by {sig.name}" in stopped.stderr, stopped.stdout + stopped.stderr
     assert (project / "out" / "resume" / "state.pt").is_file()
 
-    rerun = subprocess.run(dvc, cwd=project, env=ENV, capture_output=True, text=True, timeout=600)
+    rerun = dvc(project, "repro", check=False)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     start = RESUMING.search(rerun.stdout)
     assert start and int(start[1]) >= 20, rerun.stdout
@@ -341,16 +277,17 @@ def test_unusable_resume_state_is_not_mixed_in(interrupted_project: Path, refere
 
 @pytest.mark.slow
 def test_resume_state_from_other_params_is_not_mixed_in(interrupted_project: Path, tmp_path: Path) -> None:
-    changed = {"train": {"learning_rate": 2 * float(read_params(interrupted_project)["train"]["learning_rate"])}}
+    params = read_params(interrupted_project / "params.yaml")
+    changed = {"train.learning_rate": 2 * float(params["train"]["learning_rate"])}
     project = copy_project(interrupted_project, tmp_path / "project")
-    set_params(project, changed)
+    set_params(project / "params.yaml", changed)
     rerun = run_stage(project, "train")
     assert "resume state was made with other params, data or code: starting from step 0" in rerun.stdout
     assert not RESUMING.search(rerun.stdout)
 
     fresh = copy_project(interrupted_project, tmp_path / "fresh")
     shutil.rmtree(fresh / "out" / "resume")
-    set_params(fresh, changed)
+    set_params(fresh / "params.yaml", changed)
     run_stage(fresh, "train")
     assert_same_result(read_result(project), read_result(fresh))
 
@@ -359,7 +296,8 @@ def test_resume_state_from_other_params_is_not_mixed_in(interrupted_project: Pat
 def test_checkpoint_from_other_params_is_not_restored(interrupted_project: Path, tmp_path: Path) -> None:
     """`dvc repro` deletes out/ckpt.pt before each run; a resumed run must not put back one from other params."""
     project = copy_project(interrupted_project, tmp_path / "project")
-    set_params(project, {"train": {"learning_rate": 2 * float(read_params(project)["train"]["learning_rate"])}})
+    params = read_params(project / "params.yaml")
+    set_params(project / "params.yaml", {"train.learning_rate": 2 * float(params["train"]["learning_rate"])})
     for _ in range(2):  # stop the new run twice before its first evaluation writes a checkpoint
         (project / "out" / "ckpt.pt").unlink(missing_ok=True)
         stopped = signal_at_step(project, signal.SIGINT, at_step=3)
@@ -436,7 +374,7 @@ def test_checkpoint_killed_mid_save_keeps_previous_checkpoint(trained_project: P
 
     project = copy_project(trained_project, tmp_path / "project")
     before = (project / "out" / "ckpt.pt").read_bytes()
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_MID_SAVE], cwd=project, env=ENV,
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_MID_SAVE], cwd=project, env=tool_env(project),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -502,9 +440,10 @@ def test_outputs_are_written_to_a_temporary_file_and_renamed(interrupted_project
     # the interrupted project: the train stage resumes, so restoring the checkpoint is covered too
     project = copy_project(interrupted_project, tmp_path / "project")
     corpus = Path(shutil.copy(project / "data" / "input.txt", tmp_path / "corpus.txt"))
-    set_params(project, {"data": {"url": corpus.as_uri(), "sha256": hashlib.sha256(corpus.read_bytes()).hexdigest()}})
+    set_params(project / "params.yaml",
+               {"data.url": corpus.as_uri(), "data.sha256": hashlib.sha256(corpus.read_bytes()).hexdigest()})
     args = ["--output", "out/samples.txt", "--metrics", "metrics/sample.json"] if stage == "sample" else []
-    proc = subprocess.run([sys.executable, "-c", WRITES_RECORDED, stage, *args], cwd=project, env=ENV,
+    proc = subprocess.run([sys.executable, "-c", WRITES_RECORDED, stage, *args], cwd=project, env=tool_env(project),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
 
@@ -528,15 +467,10 @@ def test_outputs_are_written_to_a_temporary_file_and_renamed(interrupted_project
 NON_FINITE = re.compile(r"^error: loss or gradient became non-finite at step (\d+); training stopped, (.*)$")
 
 
-def _snapshot(project: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(project)): p.read_bytes()
-            for folder in ("out", "metrics") for p in sorted((project / folder).rglob("*")) if p.is_file()}
-
-
 def test_exploding_learning_rate_stops_and_keeps_existing_checkpoint(trained_project: Path, tmp_path: Path) -> None:
     project = copy_project(trained_project, tmp_path / "project")
-    set_params(project, {"train": {"learning_rate": 1e6, "grad_clip": 0.0}})
-    before = _snapshot(project)
+    set_params(project / "params.yaml", {"train.learning_rate": 1e6, "train.grad_clip": 0.0})
+    before = snapshot(project, folders=("out", "metrics"))
 
     proc = run_stage(project, "train", check=False)
 
@@ -546,7 +480,8 @@ def test_exploding_learning_rate_stops_and_keeps_existing_checkpoint(trained_pro
     assert match, proc.stderr
     assert 1 <= int(match[1]) < EVAL_INTERVAL  # it blows up before this run's first evaluation
     assert "no checkpoint was written" in match[2]
-    assert _snapshot(project) == before  # checkpoint, metrics: byte-identical; no resume state saved
+    # checkpoint, metrics: byte-identical; no resume state saved
+    assert snapshot(project, folders=("out", "metrics")) == before
 
 
 # Run in a child: the train stage, with the training loss turned to NaN at one optimizer step and a copy of
@@ -586,8 +521,8 @@ runpy.run_module("stages.train", run_name="__main__", alter_sys=True)
 @pytest.mark.parametrize("what", ["loss", "gradient"])
 def test_non_finite_value_names_step_and_keeps_last_good_checkpoint(fresh_project: Path, what: str) -> None:
     bad_step = 2 * EVAL_INTERVAL + 3
-    proc = subprocess.run([sys.executable, "-c", NAN_AT_STEP, str(bad_step), what], cwd=fresh_project, env=ENV,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", NAN_AT_STEP, str(bad_step), what], cwd=fresh_project,
+                          env=tool_env(fresh_project), capture_output=True, text=True, timeout=600)
 
     assert proc.returncode != 0
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
