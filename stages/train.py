@@ -5,7 +5,6 @@ Single process: `python -m stages.train`. N GPUs: `torchrun --standalone --nproc
 
 import os
 import sys
-from pathlib import Path
 
 from nanogpt import stage
 from nanogpt.errors import exit_on_user_error
