@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from nanogpt.errors import exit_on_user_error
-from nanogpt.config import load_config
+from nanogpt.config import apply_overrides, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -109,9 +109,7 @@ def main() -> None:
     overrides = parse_set(args.set)
     cfg = load_config(args.params, overrides)  # validates before any work
     params = yaml.safe_load(args.params.read_text())
-    for key, value in overrides.items():
-        section, name = key.split(".", 1)
-        params[section][name] = value
+    apply_overrides(params, overrides)
     run = run_stage(params, args.data, args.target, args.keep_checkpoint)
     s = run["summary"]
     device = "cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else cfg.train.device

@@ -108,12 +108,17 @@ def load_config(path: Path | str = "params.yaml", overrides: dict[str, Any] | No
         raise UserError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path} must hold a mapping of sections (data, encode, model, train, sample)")
-    for key, value in (overrides or {}).items():
+    apply_overrides(raw, overrides or {})
+    return config_from_dict(raw)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Set dotted keys (`{"train.seed": 1}`) in the parsed params mapping, in place, as `dvc exp run -S` does."""
+    for key, value in overrides.items():
         section, _, name = key.partition(".")
         if not isinstance(raw.get(section), dict) or not name:
             raise UserError(f"unknown parameter {key!r}: use section.name, e.g. train.learning_rate")
         raw[section][name] = value
-    return config_from_dict(raw)
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

@@ -83,14 +83,12 @@ def _http_chunks(cfg: DataConfig) -> Iterator[bytes]:
             if resp.status_code >= 400:
                 raise UserError(f"HTTP {resp.status_code} {resp.reason} for {cfg.url}: check data.url")
             expected = int(resp.headers["Content-Length"]) if "Content-Length" in resp.headers else None
-            received = 0
+            on_wire = 0  # Content-Length counts bytes on the wire, which differ from the chunks when compressed
             with byte_progress(f"downloading {Path(cfg.url).name}", expected) as advance:
                 for chunk in resp.iter_content(CHUNK):
-                    received += len(chunk)
-                    advance(len(chunk))
+                    advance(resp.raw.tell() - on_wire)
+                    on_wire = resp.raw.tell()
                     yield chunk
-            # Content-Length counts the bytes on the wire, which differ from `received` when compressed
-            on_wire = resp.raw.tell()
             if expected is not None and on_wire != expected:
                 raise _Transient(f"download of {cfg.url} was cut off at {on_wire} of {expected} bytes")
     except requests.exceptions.Timeout:

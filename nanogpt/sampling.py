@@ -29,18 +29,20 @@ class TextStreamer:
 
     def __init__(self, tokenizer: Tokenizer, out: TextIO) -> None:
         self.tokenizer, self.out = tokenizer, out
-        self.ids: list[int] = []
-        self.printed = 0
+        self.pending: list[int] = []  # tokens since the last point where the text ended on a whole character
+        self.printed = 0  # characters of decode(pending) already written
 
     def __call__(self, tokens: torch.Tensor) -> None:
-        self.ids.append(int(tokens[0]))
+        self.pending.append(int(tokens[0]))
+        text = self.tokenizer.decode(self.pending)
         # a cut-off final character decodes to U+FFFD; the whole characters before it are final, so print those
-        text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
-        if len(text) <= self.printed:
-            return
-        self.out.write(text[self.printed :])
-        self.out.flush()
-        self.printed = len(text)
+        whole = text.rstrip("\ufffd")
+        if len(whole) > self.printed:
+            self.out.write(whole[self.printed :])
+            self.out.flush()
+        self.printed = max(self.printed, len(whole))
+        if whole == text:  # nothing cut off: later tokens start on a character boundary
+            self.pending, self.printed = [], 0
 
 
 def run_sampling(cfg: SampleConfig, run: SampleRun, stream: TextIO | None) -> list[str]:
