@@ -2,6 +2,7 @@
 
     python -m benchmarks.train --name h100-default                      # params.yaml as it is
     python -m benchmarks.train --set train.max_iters=200 --set train.device=cpu --name smoke
+    python -m benchmarks.train --nproc 2 --name h100x2-default                # torchrun, one process a GPU
 
 Needs the encoded data (`dvc repro encode`). Time to the target val loss is measured from the stage's
 launch (interpreter start, imports, compilation and evaluation included) to the moment its log line
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 import yaml
 
-from nanogpt.errors import exit_on_user_error
+from nanogpt.errors import UserError, exit_on_user_error
 from nanogpt.config import apply_overrides, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,8 +63,17 @@ def measure_peak_tflops(device: str) -> float | None:
     return 2 * 8192**3 / sorted(times)[len(times) // 2] / 1e12
 
 
-def run_stage(params: dict[str, Any], data_dir: Path, target: float, keep: Path | None) -> dict[str, Any]:
-    """Run `python -m stages.train` in a scratch folder; time every evaluation line from launch."""
+def stage_command(nproc: int) -> list[str]:
+    """The train stage as one process, or through torchrun with `nproc` processes (one a GPU)."""
+    if nproc == 1:
+        return [sys.executable, "-m", "stages.train"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "stages.train"]
+
+
+def run_stage(params: dict[str, Any], data_dir: Path, target: float, keep: Path | None,
+              nproc: int = 1) -> dict[str, Any]:
+    """Run the train stage in a scratch folder; time every evaluation line from launch."""
     with tempfile.TemporaryDirectory(prefix="nanogpt-bench-") as tmp:
         work = Path(tmp)
         (work / "params.yaml").write_text(yaml.safe_dump(params))
@@ -72,7 +82,7 @@ def run_stage(params: dict[str, Any], data_dir: Path, target: float, keep: Path 
             shutil.copyfile(data_dir / name, work / "data" / name)
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
         launched = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=work, env=env, text=True,
+        proc = subprocess.Popen(stage_command(nproc), cwd=work, env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         series, log, ready = [], [], None
         for line in proc.stdout:
@@ -104,13 +114,16 @@ def main() -> None:
     p.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--keep-checkpoint", type=Path, help="copy the run's best checkpoint here")
+    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) through torchrun (default 1: no torchrun)")
     args = p.parse_args()
 
     overrides = parse_set(args.set)
     cfg = load_config(args.params, overrides)  # validates before any work
     params = yaml.safe_load(args.params.read_text())
     apply_overrides(params, overrides)
-    run = run_stage(params, args.data, args.target, args.keep_checkpoint)
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be >= 1, got {args.nproc}")
+    run = run_stage(params, args.data, args.target, args.keep_checkpoint, args.nproc)
     s = run["summary"]
     device = "cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else cfg.train.device
     peak = measure_peak_tflops(device)
@@ -121,12 +134,14 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "card": torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)",
         "torch": torch.__version__,
-        "command": "python -m benchmarks.train " + " ".join(f"--set {s}" for s in args.set) + f" --name {args.name}",
+        "command": "python -m benchmarks.train " + (f"--nproc {args.nproc} " if args.nproc > 1 else "")
+                   + " ".join(f"--set {s}" for s in args.set) + f" --name {args.name}",
+        "processes": args.nproc,
         "config": {"model": vars(cfg.model), "train": vars(cfg.train)},
         "ms_per_step": round(1000 * s["tokens_per_step"] / s["tokens_per_sec"], 3) if s["tokens_per_sec"] else None,
         "tokens_per_sec": s["tokens_per_sec"],
         "peak_bf16_tflops_measured": round(peak, 1) if peak else None,
-        "mfu": round(fpt * s["tokens_per_sec"] / (peak * 1e12), 4) if peak else None,
+        "mfu": round(fpt * s["tokens_per_sec"] / (peak * 1e12 * args.nproc), 4) if peak else None,  # per GPU
         "peak_memory_mib": s.get("peak_memory_mib"),
         "target_val_loss": args.target,
         "time_to_target_s": run["time_to_target_s"],
