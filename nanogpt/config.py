@@ -83,6 +83,8 @@ class SampleConfig:
     top_k: int | None
     top_p: float | None
     seed: int
+    quantize: Literal["int8"] | None  # int8 weights: faster sampling on a CPU
+    compile: bool  # torch.compile the decode step: faster steps after seconds of compiling
 
 
 @dataclass(frozen=True)

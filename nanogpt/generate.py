@@ -4,7 +4,9 @@ Both generators see the same context for every new token (`context_length`), dra
 one seeded generator per sample, and so produce the same tokens; the cached one does a fraction of the work.
 """
 
-from collections.abc import Callable
+import math
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,8 +34,9 @@ def context_length(n: int, block_size: int) -> int:
     return keep + (n - block_size - 1) % (block_size - keep + 1)
 
 
-def logits_to_probs(logits: Tensor, params: SamplingParams) -> Tensor:
-    """Probabilities (B, V) after temperature, then top-k, then top-p (nucleus) filtering.
+def filtered_logits(logits: Tensor, params: SamplingParams) -> Tensor:
+    """Log-probabilities (B, V) up to a constant per row: logits / temperature, then top-k, then top-p
+    (nucleus) filtering, the filtered-out tokens at -inf.
 
     top_k larger than the vocabulary keeps the whole vocabulary. top-p keeps the smallest set of most
     likely tokens whose probability reaches top_p.
@@ -41,45 +44,55 @@ def logits_to_probs(logits: Tensor, params: SamplingParams) -> Tensor:
     logits = logits.float() / max(params.temperature, 1e-8)
     if params.top_k is not None and params.top_k < logits.size(-1):
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = logits.masked_fill(logits < kth, -math.inf)
     if params.top_p is not None and params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         sorted_probs = torch.softmax(sorted_logits, dim=-1)
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of strictly more likely tokens
         drop = before >= params.top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
+    return logits
 
 
-def sample(logits: Tensor, params: SamplingParams, noise: Tensor) -> Tensor:
-    """One token id per row of `logits` (B, V), given Exponential(1) noise of the same shape.
+def logits_to_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The probabilities (B, V) that `sample` draws from."""
+    return torch.softmax(filtered_logits(logits, params), dim=-1)
 
-    argmax(p / E) with E ~ Exponential(1) is a draw from p (a multinomial draw without a host sync).
+
+def sample(logits: Tensor, params: SamplingParams, gumbel: Tensor) -> Tensor:
+    """One token id per row of `logits` (B, V), given standard Gumbel noise of the same shape.
+
+    argmax(log p + G) with G ~ Gumbel(0, 1) is a draw from p (the Gumbel-max trick: no host sync, and
+    no softmax, since log p needs no normalising constant).
     """
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    return (logits_to_probs(logits, params) / noise).argmax(dim=-1)
+    return (filtered_logits(logits, params) + gumbel).argmax(dim=-1)
 
 
 class Noise:
-    """The random numbers of a generation: row b comes from its own generator seeded `seed + b`, so a
-    sample does not depend on the batch it is in; drawn in chunks of steps, so there is one launch per
-    row per chunk instead of per token."""
+    """The random numbers of a generation, standard Gumbel: row b comes from its own generator seeded
+    `seed + b`, so a sample does not depend on the batch it is in. They are drawn in blocks of CHUNK steps
+    (one launch per row per block), so step i gets the same numbers however the steps are asked for."""
 
     CHUNK = 512
 
     def __init__(self, seed: int, num_samples: int, vocab_size: int, device: torch.device) -> None:
         self.generators = [torch.Generator(device=device).manual_seed(seed + b) for b in range(num_samples)]
         self.vocab_size, self.device = vocab_size, device
-        self.chunk, self.start = torch.empty(0), 0
+        self.buffer = torch.empty(0, num_samples, vocab_size, device=device)
+        self.start = 0  # the buffer holds steps start .. start + len(buffer) - 1: every step drawn and not dropped
 
-    def step(self, i: int) -> Tensor:
-        """Noise (B, V) for new token i; steps must be asked for in increasing order."""
-        if not self.start <= i < self.start + len(self.chunk):
-            self.start = i
-            self.chunk = torch.stack([torch.empty(self.CHUNK, self.vocab_size, device=self.device)
-                                      .exponential_(generator=g) for g in self.generators], dim=1)
-        return self.chunk[i - self.start]
+    def steps(self, i: int, n: int) -> Tensor:
+        """Noise (n, B, V) for new tokens i .. i + n - 1; steps must be asked for in increasing order."""
+        while self.start + len(self.buffer) < i + n:
+            drop = min(i - self.start, len(self.buffer))
+            exponential = torch.stack([torch.empty(self.CHUNK, self.vocab_size, device=self.device)
+                                       .exponential_(generator=g) for g in self.generators], dim=1)
+            gumbel = exponential.clamp_(min=torch.finfo(exponential.dtype).tiny).log_().neg_()
+            self.buffer = torch.cat([self.buffer[drop:], gumbel])
+            self.start += drop
+        return self.buffer[i - self.start : i - self.start + n]
 
 
 @torch.no_grad()
@@ -92,46 +105,92 @@ def generate_reference(model: GPT, prompt: list[int], num_tokens: int, num_sampl
     for i in range(num_tokens):
         w = context_length(seq.size(1), model.cfg.block_size)
         logits, _ = model(seq[:, -w:])
-        seq = torch.cat([seq, sample(logits[:, -1], params, noise.step(i))[:, None]], dim=1)
+        seq = torch.cat([seq, sample(logits[:, -1], params, noise.steps(i, 1)[0])[:, None]], dim=1)
     return seq[:, len(prompt):]
 
 
 class _Decoder:
-    """One cached step: the model on one new position, then sampling. On CUDA it is captured once as a
-    graph and replayed, which removes the launch overhead of its ~100 small kernels."""
+    """Cached decode steps with the KV caches they use: each step feeds the model the previous step's token at
+    the next cache position and samples the next token. Steps go in runs of a power of two, up to MAX_STEPS.
+    On CUDA each run length is captured once as a CUDA graph and replayed: one launch for up to
+    MAX_STEPS x ~80 small kernels, where launching them one by one would leave the GPU waiting on the host."""
 
-    def __init__(self, model: GPT, batch_size: int, params: SamplingParams, use_graph: bool,
-                 compile: bool = False) -> None:
+    MAX_STEPS = 32
+
+    def __init__(self, model: GPT, batch_size: int, params: SamplingParams, compile: bool) -> None:
         device = model.lm_head.weight.device
-        self.model, self.params = torch.compile(model, dynamic=False) if compile else model, params
-        self.token = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)
-        self.noise = torch.ones(batch_size, model.vocab_size, device=device)
-        self.graph = None
-        if use_graph:
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
+        # the model is passed to each call, never stored: a kept decoder must not keep its model alive
+        self.forward, self.params = torch.compile(_decode_logits, dynamic=False) if compile else _decode_logits, params
+        self.caches = model.setup_kv_cache(batch_size)
+        # static inputs and outputs of the graphs: tokens[j] is step j's input, tokens[j + 1] its output
+        self.tokens = torch.zeros(self.MAX_STEPS + 1, batch_size, dtype=torch.long, device=device)
+        self.positions = torch.zeros(self.MAX_STEPS, dtype=torch.long, device=device)
+        self.gumbel = torch.zeros(self.MAX_STEPS, batch_size, model.vocab_size, device=device)
+        self.use_graphs = device.type == "cuda"
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None  # one memory pool for all graphs: they never run at the same time
+
+    def run(self, model: GPT, token: Tensor, pos: int, gumbel: Tensor) -> Iterator[Tensor]:
+        """Yield the tokens (n, B) of len(gumbel) steps, a run at a time; the first step feeds `token` (B,) at
+        cache position `pos`."""
+        done = 0
+        while done < len(gumbel):
+            n = 1 << (min(len(gumbel) - done, self.MAX_STEPS).bit_length() - 1)
+            self.tokens[0].copy_(token)
+            torch.arange(pos + done, pos + done + n, out=self.positions[:n])
+            self.gumbel[:n].copy_(gumbel[done : done + n])
+            if self.use_graphs:
+                self._graph(model, n).replay()
+            else:
+                self._steps(model, n)
+            out = self.tokens[1 : n + 1].clone()
+            yield out
+            token, done = out[-1], done + n
+
+    def _steps(self, model: GPT, n: int) -> None:
+        for j in range(n):
+            logits = self.forward(model, self.tokens[j], self.positions[j : j + 1])
+            self.tokens[j + 1].copy_(sample(logits, self.params, self.gumbel[j]))
+
+    def _graph(self, model: GPT, n: int) -> torch.cuda.CUDAGraph:
+        if n not in self.graphs:
+            stream = torch.cuda.Stream()  # captures run on a side stream
+            stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                for _ in range(2):  # warm up kernels and allocator outside the capture
-                    self._step()
-            torch.cuda.current_stream(device).wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.next_token = self._step()
+                if not self.graphs:  # warm up kernels and allocator outside the capture; the inputs are set,
+                    for _ in range(2):  # so the step writes what the replay will write
+                        self._steps(model, 1)
+                # capture_begin/end rather than torch.cuda.graph(), which runs gc.collect() for every graph
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin(pool=self.pool)
+                self._steps(model, n)
+                graph.capture_end()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graphs[n], self.pool = graph, graph.pool()
+        return self.graphs[n]
 
-    def _step(self) -> Tensor:
-        logits = self.model(self.token[:, None], input_pos=self.pos)[0][:, -1]
-        return sample(logits, self.params, self.noise)
 
-    def __call__(self, token: Tensor, pos: int, noise: Tensor) -> Tensor:
-        """The next token after `token`, which sits at cache position `pos`."""
-        self.token.copy_(token)
-        self.pos.fill_(pos)
-        self.noise.copy_(noise)
-        if self.graph is None:
-            return self._step()
-        self.graph.replay()
-        return self.next_token.clone()
+def _decode_logits(model: GPT, tokens: Tensor, position: Tensor) -> Tensor:
+    """Next-token logits (B, V) after `tokens` (B,) at cache position `position` (1,)."""
+    return model(tokens[:, None], input_pos=position)[0][:, -1]
+
+
+# On CUDA the last decoder of each model is kept, so that its next generation with the same batch size and
+# settings replays the graphs this one captured. The key holds the weights' addresses: graphs read them there.
+_kept: weakref.WeakKeyDictionary[GPT, tuple[tuple, _Decoder]] = weakref.WeakKeyDictionary()
+
+
+def _decoder(model: GPT, batch_size: int, params: SamplingParams, compile: bool) -> _Decoder:
+    """A decoder whose KV caches are in place in the model."""
+    key = (batch_size, params, compile, tuple(p.data_ptr() for p in model.parameters()))
+    kept = _kept.get(model)
+    if kept is not None and kept[0] == key:
+        model.attach_kv_cache(kept[1].caches)
+        return kept[1]
+    decoder = _Decoder(model, batch_size, params, compile)
+    if decoder.use_graphs:
+        _kept[model] = (key, decoder)
+    return decoder
 
 
 @torch.no_grad()
@@ -139,9 +198,9 @@ def generate(model: GPT, prompt: list[int], num_tokens: int, num_samples: int, p
              seed: int, on_tokens: Callable[[Tensor], None] | None = None, compile: bool = False) -> Tensor:
     """`num_samples` continuations of `prompt`, (num_samples, num_tokens) token ids, using a KV cache.
 
-    The same tokens as generate_reference for the same seed. `on_tokens` receives each new column of
-    tokens as it is produced (for streaming to a terminal). `compile` fuses the decode step's kernels with
-    torch.compile (faster steps, slower start).
+    The same tokens as generate_reference for the same seed. `on_tokens` receives the new tokens
+    (num_samples, k) as they are produced, a few at a time (for streaming to a terminal). `compile` fuses
+    the decode step's kernels with torch.compile (faster steps, slower start).
     """
     if not prompt:
         raise ValueError("generation needs a prompt of at least one token")
@@ -150,26 +209,27 @@ def generate(model: GPT, prompt: list[int], num_tokens: int, num_samples: int, p
     noise = Noise(seed, num_samples, model.vocab_size, device)
     seq = torch.empty(num_samples, len(prompt) + num_tokens, dtype=torch.long, device=device)
     seq[:, : len(prompt)] = torch.tensor(prompt, device=device)
-    model.setup_kv_cache(num_samples)
+    n = len(prompt)  # tokens in seq so far
+
+    def emit(tokens: Tensor) -> None:  # (num_samples, k) new tokens
+        nonlocal n
+        seq[:, n : n + tokens.size(1)] = tokens
+        n += tokens.size(1)
+        if on_tokens is not None:
+            on_tokens(tokens)
+
+    decoder = _decoder(model, num_samples, params, compile)
     try:
-        decode = _Decoder(model, num_samples, params, use_graph=device.type == "cuda" and num_tokens > 1,
-                          compile=compile)
-        n = len(prompt)
-        w = context_length(n, block_size)
-        token = sample(_prefill(model, seq[:, n - w : n]), params, noise.step(0))
-        for i in range(num_tokens):
-            seq[:, n] = token
-            n += 1
-            if on_tokens is not None:
-                on_tokens(token)
-            if i == num_tokens - 1:
-                break
-            next_w = context_length(n, block_size)
-            if next_w == w + 1:
-                token = decode(token, w, noise.step(i + 1))
-            else:
-                token = sample(_prefill(model, seq[:, n - next_w : n]), params, noise.step(i + 1))
-            w = next_w
+        while n < seq.size(1):
+            # fill the cache with the context (the prompt, or after a slide the last half block), then decode
+            # one position at a time until the cache is full or the tokens are all there
+            w = context_length(n, block_size)
+            i = n - len(prompt)  # index of the token to sample
+            token = sample(_prefill(model, seq[:, n - w : n]), params, noise.steps(i, 1)[0])
+            emit(token[:, None])
+            steps = min(block_size - w, num_tokens - i - 1)
+            for tokens in decoder.run(model, token, w, noise.steps(i + 1, steps)):
+                emit(tokens.T)
     finally:
         model.drop_kv_cache()
     return seq[:, len(prompt):]

@@ -15,20 +15,23 @@ from nanogpt.config import ModelConfig
 
 
 class KVCache(nn.Module):
-    """Keys and values of every position seen so far, preallocated to the full context length."""
+    """Keys and values of every position seen so far, preallocated to the full context length, in one buffer
+    (2, B, H, max_len, hs) so that a step writes both with one copy; and the attention mask of the positions.
 
-    def __init__(self, batch_size: int, n_head: int, max_len: int, head_size: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    `mask` (max_len, max_len) is additive: row p is 0 for the keys a query at position p sees (0..p) and
+    -inf for the rest, stale entries included. The caches of a model's layers share one.
+    """
+
+    def __init__(self, batch_size: int, n_head: int, head_size: int, mask: Tensor) -> None:
         super().__init__()
-        shape = (batch_size, n_head, max_len, head_size)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (2, batch_size, n_head, len(mask), head_size)
+        self.register_buffer("kv", torch.zeros(shape, dtype=mask.dtype, device=mask.device), persistent=False)
+        self.register_buffer("mask", mask, persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, H, T, hs) at positions `input_pos` (T,); return the whole cache."""
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k, self.v
+    def update(self, input_pos: Tensor, kv: Tensor) -> tuple[Tensor, Tensor]:
+        """Write kv (2, B, H, T, hs) at positions `input_pos` (T,); return all keys and all values."""
+        self.kv.index_copy_(3, input_pos, kv.to(self.kv.dtype))
+        return self.kv[0], self.kv[1]
 
 
 class CausalSelfAttention(nn.Module):
@@ -43,13 +46,13 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, input_pos: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hs)
+        q = qkv[0]
         if self.kv_cache is None:
             dropout = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            y = F.scaled_dot_product_attention(q, qkv[1], qkv[2], dropout_p=dropout, is_causal=True)
         else:
-            k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = self.kv_cache.update(input_pos, qkv[1:])
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -118,10 +121,8 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of length {T} is longer than block_size {self.cfg.block_size}")
             input_pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(input_pos))
-        mask = None
-        if self.blocks[0].attn.kv_cache is not None:
-            # query at position p sees cached keys 0..p; stale entries past p are masked out
-            mask = (torch.arange(self.cfg.block_size, device=idx.device) <= input_pos[:, None])[None, None]
+        cache = self.blocks[0].attn.kv_cache
+        mask = None if cache is None else cache.mask[input_pos][None, None]
         for block in self.blocks:
             if self.cfg.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, input_pos, mask, use_reentrant=False)
@@ -133,13 +134,19 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-    def setup_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> None:
-        """Give every attention layer a cache for `batch_size` sequences of up to block_size positions."""
+    def setup_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> list[KVCache]:
+        """Give every attention layer a cache for `batch_size` sequences of up to block_size positions; return them."""
         ref = self.lm_head.weight
-        for block in self.blocks:
-            block.attn.kv_cache = KVCache(batch_size, self.cfg.n_head, self.cfg.block_size, self.cfg.head_size,
-                                          dtype or ref.dtype, ref.device)
+        causal = torch.ones(self.cfg.block_size, self.cfg.block_size, dtype=torch.bool, device=ref.device).tril()
+        mask = torch.zeros(causal.shape, dtype=dtype or ref.dtype, device=ref.device).masked_fill(~causal, -math.inf)
+        caches = [KVCache(batch_size, self.cfg.n_head, self.cfg.head_size, mask) for _ in self.blocks]
+        self.attach_kv_cache(caches)
+        return caches
+
+    def attach_kv_cache(self, caches: list[KVCache] | None) -> None:
+        """Put caches made by setup_kv_cache back in place (None: remove them)."""
+        for block, cache in zip(self.blocks, caches or [None] * len(self.blocks), strict=True):
+            block.attn.kv_cache = cache
 
     def drop_kv_cache(self) -> None:
-        for block in self.blocks:
-            block.attn.kv_cache = None
+        self.attach_kv_cache(None)

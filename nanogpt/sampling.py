@@ -12,6 +12,7 @@ from nanogpt.checkpoint import load_checkpoint
 from nanogpt.config import SampleConfig
 from nanogpt.errors import UserError
 from nanogpt.generate import SamplingParams, generate
+from nanogpt.quantize import quantize_int8
 from nanogpt.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -33,7 +34,8 @@ class TextStreamer:
         self.printed = 0  # characters of decode(pending) already written
 
     def __call__(self, tokens: torch.Tensor) -> None:
-        self.pending.append(int(tokens[0]))
+        """Print the new tokens (B, k) of the first sample."""
+        self.pending.extend(tokens[0].tolist())
         text = self.tokenizer.decode(self.pending)
         # a cut-off final character decodes to U+FFFD; the whole characters before it are final, so print those
         whole = text.rstrip("\ufffd")
@@ -59,6 +61,11 @@ def run_sampling(cfg: SampleConfig, run: SampleRun, stream: TextIO | None) -> li
     if top_k is not None and top_k > tokenizer.vocab_size:
         print(f"note: sample.top_k ({top_k}) is larger than the vocabulary; clamped to {tokenizer.vocab_size}")
         top_k = tokenizer.vocab_size
+    if cfg.quantize == "int8":
+        if device.type != "cpu":
+            raise UserError(f"sample.quantize int8 is for sampling on the CPU, and this run is on {device}: "
+                            "set sample.quantize to null, or sample with --device cpu")
+        quantize_int8(model)
     if device.type == "cuda":
         model = model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     params = SamplingParams(cfg.temperature, top_k, cfg.top_p)
@@ -67,7 +74,8 @@ def run_sampling(cfg: SampleConfig, run: SampleRun, stream: TextIO | None) -> li
         stream.write(cfg.prompt)
         streamer = TextStreamer(tokenizer, stream)
     started = time.perf_counter()
-    tokens = generate(model, prompt, cfg.num_tokens, cfg.num_samples, params, cfg.seed, on_tokens=streamer)
+    tokens = generate(model, prompt, cfg.num_tokens, cfg.num_samples, params, cfg.seed, on_tokens=streamer,
+                      compile=cfg.compile)
     runtime.synchronize(device)
     seconds = time.perf_counter() - started
     texts = [cfg.prompt + tokenizer.decode(row) for row in tokens.tolist()]

@@ -11,7 +11,7 @@ from nanogpt.errors import exit_on_user_error
 from nanogpt.sampling import SampleRun, run_sampling
 
 FLAGS = {"prompt": str, "num_tokens": int, "num_samples": int, "temperature": float, "top_k": int,
-         "top_p": float, "seed": int}
+         "top_p": float, "seed": int, "quantize": str}
 
 
 @exit_on_user_error

@@ -80,7 +80,7 @@ def test_streamer_holds_back_a_character_until_its_last_byte(char: str) -> None:
     written = []
 
     for token in ids:
-        streamer(torch.tensor([token]))
+        streamer(torch.tensor([[token]]))
         written.append(out.getvalue())
 
     # after "at " and each byte but the last, nothing of the character is out; after its last byte, all of it
@@ -99,7 +99,7 @@ def test_streamer_writes_whole_characters_of_a_multibyte_word() -> None:
     streamer = TextStreamer(tok, out)
 
     for token in tok.encode(word):
-        streamer(torch.tensor([token]))
+        streamer(torch.tensor([[token]]))
 
     assert out.getvalue() == word
     # every flush left whole characters, one more each time: Ω, Ωμ, Ωμέ, ... (never a replacement character)
@@ -115,10 +115,10 @@ def test_streamer_prints_whole_characters_that_share_a_token_with_a_cut_off_one(
     streamer = TextStreamer(tok, out)
 
     for token in tok.encode("la"):
-        streamer(torch.tensor([token]))
-    streamer(torch.tensor([space_and_lead_byte]))
+        streamer(torch.tensor([[token]]))
+    streamer(torch.tensor([[space_and_lead_byte]]))
     assert out.getvalue() == "la "  # the space is whole: out now, not held back with the cut-off "à"
-    streamer(torch.tensor([last_byte]))
+    streamer(torch.tensor([[last_byte]]))
     assert out.getvalue() == "la à"
 
 
@@ -132,7 +132,7 @@ def test_streamer_output_is_always_a_prefix_of_the_decoded_text() -> None:
         out = io.StringIO()
         streamer = TextStreamer(tok, out)
         for i, token in enumerate(ids):
-            streamer(torch.tensor([token]))
+            streamer(torch.tensor([[token]]))
             decoded, written = tok.decode(ids[: i + 1]), out.getvalue()
             assert decoded.startswith(written)
             assert set(decoded[len(written) :]) <= {"\ufffd"}

@@ -1,5 +1,6 @@
 """Sampling filters, the context schedule, and the KV-cached generator against the full-context reference."""
 
+import copy
 import math
 
 import pytest
@@ -14,6 +15,8 @@ GREEDY = SamplingParams(temperature=0.0, top_k=None, top_p=None)
 PLAIN = SamplingParams(temperature=1.0, top_k=None, top_p=None)
 TOP_K = SamplingParams(temperature=0.8, top_k=4, top_p=None)
 TOP_P = SamplingParams(temperature=1.2, top_k=None, top_p=0.7)
+# the generator's CUDA path (decode steps replayed as CUDA graphs) is checked where a GPU is present
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def log_probs(*probs: float) -> torch.Tensor:
@@ -148,9 +151,11 @@ def test_context_length_example():
     assert [context_length(n, 8) for n in range(8, 20)] == [8, 4, 5, 6, 7, 8, 4, 5, 6, 7, 8, 4]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("params", [GREEDY, TOP_K, TOP_P], ids=["greedy", "top_k", "top_p"])
 @pytest.mark.parametrize("prompt_len", [1, 5, 23])  # shorter and longer than block_size 16
-def test_cached_generation_matches_the_reference(model, params, prompt_len):
+def test_cached_generation_matches_the_reference(model, device, params, prompt_len):
+    model = copy.deepcopy(model).to(device)
     prompt = torch.randint(VOCAB, (prompt_len,), generator=torch.Generator().manual_seed(prompt_len)).tolist()
 
     cached = generate(model, prompt, 60, 1, params, seed=3)
@@ -160,8 +165,10 @@ def test_cached_generation_matches_the_reference(model, params, prompt_len):
     assert torch.equal(cached, reference)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("params", [GREEDY, PLAIN], ids=["greedy", "plain"])
-def test_batched_generation_matches_the_reference(model, params):
+def test_batched_generation_matches_the_reference(model, device, params):
+    model = copy.deepcopy(model).to(device)
     cached = generate(model, [1, 2, 3], 40, 3, params, seed=5)
     reference = generate_reference(model, [1, 2, 3], 40, 3, params, seed=5)
 
@@ -193,13 +200,13 @@ def test_same_seed_same_tokens_different_seed_different_tokens(model):
     assert not torch.equal(generate(model, [0], 40, 1, PLAIN, seed=2), first)
 
 
-def test_generation_streams_each_new_column(model):
-    columns = []
+def test_generation_streams_every_new_token_once_in_order(model):
+    pieces = []
 
-    tokens = generate(model, [1], 20, 2, TOP_K, seed=0, on_tokens=columns.append)
+    tokens = generate(model, [1], 40, 2, TOP_K, seed=0, on_tokens=pieces.append)  # past block_size 16
 
-    assert len(columns) == 20
-    assert torch.equal(torch.stack(columns, dim=1), tokens)
+    assert len(pieces) > 1
+    assert torch.equal(torch.cat(pieces, dim=1), tokens)
 
 
 def test_generation_leaves_no_cache_behind(model):
@@ -215,3 +222,20 @@ def test_generation_leaves_no_cache_behind(model):
 def test_empty_prompt_is_rejected(model):
     with pytest.raises(ValueError, match="prompt"):
         generate(model, [], 5, 1, PLAIN, seed=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_later_generation_reads_the_weights_as_they_are_then(model, device):
+    """On CUDA the decoder of the first generation, its graphs included, is kept and replayed by the next."""
+    model = copy.deepcopy(model).to(device)
+    first = generate(model, [1, 2], 30, 1, PLAIN, seed=0)
+
+    assert torch.equal(generate(model, [1, 2], 30, 1, PLAIN, seed=0), first)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)  # in place: kept graphs see the new values
+    assert torch.equal(generate(model, [1, 2], 30, 1, PLAIN, seed=0),
+                       generate_reference(model, [1, 2], 30, 1, PLAIN, seed=0))
+    model = model.to(torch.float64)  # new tensors at new addresses: a new decoder
+    assert torch.equal(generate(model, [1, 2], 30, 1, PLAIN, seed=0),
+                       generate_reference(model, [1, 2], 30, 1, PLAIN, seed=0))

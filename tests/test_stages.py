@@ -225,6 +225,7 @@ SAMPLE_CASES = {
     "top_p 1.5": (["--top_p", "1.5"], ["sample.top_p must be null or in (0, 1], got 1.5"]),
     "negative temperature": (["--temperature", "-1"], ["sample.temperature must be >= 0", "got -1.0"]),
     "unknown device": (["--device", "tpu"], ["--device", "'tpu'"]),
+    "unknown quantization": (["--quantize", "int4"], ["sample.quantize must be", "'int4'"]),
     "missing checkpoint": (["--checkpoint", "out/missing.pt"], ["checkpoint out/missing.pt not found"]),
     "missing vocabulary": (["--vocab", "data/missing.json"], ["vocabulary data/missing.json not found"]),
 }
@@ -291,6 +292,13 @@ def test_temperature_zero_is_greedy(trained: Path) -> None:
         outputs.append((trained / "out" / "samples.txt").read_text())
     assert outputs[0] == outputs[1]
     assert len(outputs[0]) == len("\n") + 40 + len("\n")
+
+
+def test_int8_sampling_on_the_cpu(trained: Path) -> None:
+    proc = run_stage(trained, "sample", *SAMPLE, "--quantize", "int8", "--num_tokens", "40", "--device", "cpu",
+                     check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert len((trained / "out" / "samples.txt").read_text()) == len("\n") + 40 + len("\n")
 
 
 def test_prompt_and_generation_longer_than_block_size(trained: Path) -> None:

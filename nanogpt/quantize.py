@@ -1,0 +1,65 @@
+"""Int8 weight-only quantisation, for sampling on the CPU.
+
+Decoding one token reads every weight once and does little arithmetic with it, so on a CPU its speed is
+set by how many bytes the weights take: int8 weights (a quarter of fp32) fit in the cache of a small CPU.
+Each output row of a linear layer keeps one scale (its largest |weight| / 127); activations stay fp32
+between layers and meet the weights in bf16.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nanogpt.model import GPT, MLP
+
+# up to this many rows the fused int8 kernel wins (decoding); above it a bf16 matrix product does (prefill)
+_FUSED_MAX_ROWS = 8
+
+
+class Int8Linear(nn.Module):
+    """A bias-free nn.Linear with int8 weights and one bf16 scale per output feature."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _in_bf16(self.matmul, x)
+
+    def matmul(self, rows: Tensor) -> Tensor:
+        """bf16 (N, in_features) -> bf16 (N, out_features)."""
+        if len(rows) <= _FUSED_MAX_ROWS:
+            return torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scale)
+        return F.linear(rows, self.weight.to(torch.bfloat16)) * self.scale
+
+
+class Int8MLP(nn.Module):
+    """The block's MLP with int8 weights, for inference: its hidden activations stay bf16 between the two
+    products, which saves two conversions per layer."""
+
+    def __init__(self, mlp: MLP) -> None:
+        super().__init__()
+        self.c_fc, self.c_proj = Int8Linear(mlp.c_fc), Int8Linear(mlp.c_proj)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _in_bf16(lambda rows: self.c_proj.matmul(F.gelu(self.c_fc.matmul(rows))), x)
+
+
+def _in_bf16(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """fn applied to x (..., features) as bf16 rows; the result in x's dtype and leading shape."""
+    y = fn(x.reshape(-1, x.size(-1)).to(torch.bfloat16))
+    return y.view(*x.shape[:-1], -1).to(x.dtype)
+
+
+def quantize_int8(model: GPT) -> GPT:
+    """Give every block int8 weights, in place, for sampling (the quantized model does not train); the
+    embeddings and the tied LM head, a small share of the weights, stay as they are."""
+    for block in model.blocks:
+        block.attn.c_attn, block.attn.c_proj = Int8Linear(block.attn.c_attn), Int8Linear(block.attn.c_proj)
+        block.mlp = Int8MLP(block.mlp)
+    return model

@@ -1,0 +1,69 @@
+"""Int8 weight-only quantisation for CPU sampling: close to the fp32 layers and model it replaces."""
+
+import pytest
+import torch
+from torch import nn
+
+from nanogpt.config import ModelConfig
+from nanogpt.generate import SamplingParams, generate, logits_to_probs
+from nanogpt.model import GPT
+from nanogpt.quantize import Int8Linear, Int8MLP, quantize_int8
+
+VOCAB = 17
+
+
+@pytest.fixture
+def model() -> GPT:
+    torch.manual_seed(0)
+    cfg = ModelConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, gradient_checkpointing=False)
+    return GPT(cfg, VOCAB).eval()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])  # the fused int8 kernel (decoding) and the bf16 product (prefill)
+def test_int8_linear_is_within_a_percent_of_the_linear(rows):
+    torch.manual_seed(1)
+    linear = nn.Linear(64, 48, bias=False)
+    x = torch.randn(2, rows, 64)
+
+    quantized = Int8Linear(linear)
+
+    assert quantized.weight.dtype == torch.int8
+    assert quantized(x).dtype == x.dtype
+    expected = linear(x)
+    error = (quantized(x) - expected).norm() / expected.norm()
+    assert error < 0.01
+
+
+def test_int8_linear_scales_each_output_row_by_its_largest_weight():
+    linear = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[1.0, -2.0, 0.5, 0.0], [0.01, 0.03, -0.04, 0.025]]))
+
+    quantized = Int8Linear(linear)
+
+    assert quantized.weight[0].tolist() == [64, -127, 32, 0]  # round(w / (2 / 127))
+    assert quantized.weight[1].tolist() == [32, 95, -127, 79]
+    torch.testing.assert_close(quantized.scale.float(), torch.tensor([2.0, 0.04]) / 127, rtol=1e-2, atol=0)
+
+
+def test_quantized_model_predicts_nearly_the_same_distribution(model):
+    x = torch.randint(VOCAB, (3, 16), generator=torch.Generator().manual_seed(2))
+    params = SamplingParams(1.0, None, None)
+    with torch.no_grad():
+        before = logits_to_probs(model(x)[0].flatten(0, 1), params)
+        quantize_int8(model)
+        after = logits_to_probs(model(x)[0].flatten(0, 1), params)
+
+    assert all(isinstance(block.mlp, Int8MLP) and isinstance(block.attn.c_attn, Int8Linear) for block in model.blocks)
+    total_variation = 0.5 * (before - after).abs().sum(dim=-1)
+    assert total_variation.max() < 0.02
+
+
+def test_quantized_model_generates_past_block_size_with_the_same_seed_the_same_text(model):
+    quantize_int8(model)
+    params = SamplingParams(0.8, 5, 0.9)
+
+    first = generate(model, [1, 2, 3], 40, 2, params, seed=4)
+
+    assert first.shape == (2, 40) and int(first.min()) >= 0 and int(first.max()) < VOCAB
+    assert torch.equal(generate(model, [1, 2, 3], 40, 2, params, seed=4), first)
