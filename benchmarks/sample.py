@@ -4,14 +4,19 @@ reference (nanoGPT's way) at batch 1, on the same card.
     python -m benchmarks.sample --checkpoint out/ckpt.pt --name h100-sample
 
 Each setting runs three times: the first includes warm-up (CUDA graph capture, allocator), the third is
-reported as steady. Writes benchmarks/results/<name>.json.
+reported as steady. `cold_start_s` is the time from the start of main() (Python and torch loaded, the GPU
+untouched) to the end of the process's first generation: device start-up, checkpoint load, warm-up and the
+first num_tokens tokens at batch 1. `--int8` adds rows with int8 weights (sample.quantize: int8, CPU only).
+Writes benchmarks/results/<name>.json.
 """
 
 import argparse
+import copy
 import functools
 import datetime
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +26,7 @@ from nanogpt.errors import exit_on_user_error
 from nanogpt import runtime
 from nanogpt.checkpoint import load_checkpoint
 from nanogpt.generate import SamplingParams, generate, generate_reference
+from nanogpt.quantize import quantize_int8
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
@@ -35,6 +41,7 @@ def timed(fn, device: torch.device) -> float:
 
 @exit_on_user_error
 def main() -> None:
+    launched = time.perf_counter()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=Path("out/ckpt.pt"))
     p.add_argument("--name", required=True)
@@ -44,6 +51,7 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=200)
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--compile", action="store_true", help="also time the cached generator with torch.compile")
+    p.add_argument("--int8", action="store_true", help="also time the cached generator with int8 weights (CPU)")
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the full-context reference at batch 1")
     args = p.parse_args()
@@ -56,17 +64,25 @@ def main() -> None:
         dtype = "bf16"
     params = SamplingParams(temperature=1.0, top_k=args.top_k, top_p=None)
     prompt = tokenizer.encode("\n")
-    rows = []
-    settings = [("kv-cache", int(b)) for b in args.batch_sizes.split(",")]
-    if args.compile:
-        settings += [("kv-cache+compile", int(b)) for b in args.batch_sizes.split(",")]
+    models = {"kv-cache": model, "reference": model, "kv-cache+compile": model}
+    fns = {"kv-cache": generate, "reference": generate_reference,
+           "kv-cache+compile": functools.partial(generate, compile=True)}
+    if args.int8:
+        models["kv-cache+int8"] = models["kv-cache+int8+compile"] = quantize_int8(copy.deepcopy(model))
+        fns["kv-cache+int8"], fns["kv-cache+int8+compile"] = generate, fns["kv-cache+compile"]
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    kinds = [kind for kind in fns if kind != "reference" and (args.compile or "compile" not in kind)]
+    settings = [(kind, b) for kind in kinds for b in batches]
     if args.reference:
         settings.append(("reference", 1))
+    rows, cold_start = [], None
     for kind, batch in settings:
-        fns = {"kv-cache": generate, "reference": generate_reference,
-               "kv-cache+compile": functools.partial(generate, compile=True)}
-        fn = fns[kind]
-        seconds = [timed(lambda: fn(model, prompt, args.num_tokens, batch, params, seed=i), device) for i in range(3)]
+        fn, m = fns[kind], models[kind]
+        seconds = []
+        for i in range(3):
+            seconds.append(timed(lambda: fn(m, prompt, args.num_tokens, batch, params, seed=i), device))
+            if cold_start is None:
+                cold_start = round(time.perf_counter() - launched, 3)
         row = {"generator": kind, "batch": batch, "first_s": round(seconds[0], 3),
                "first_tokens_per_sec": round(args.num_tokens * batch / seconds[0]),
                "steady_tokens_per_sec": round(args.num_tokens * batch / seconds[2])}
@@ -76,7 +92,8 @@ def main() -> None:
         "name": args.name, "date": datetime.date.today().isoformat(),
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "torch": torch.__version__, "dtype": dtype, "num_tokens": args.num_tokens, "top_k": args.top_k,
-        "command": f"python -m benchmarks.sample --checkpoint {args.checkpoint} --name {args.name}",
+        "cold_start_s": cold_start, "cold_start_batch": settings[0][1],
+        "command": "python -m benchmarks.sample " + " ".join(sys.argv[1:]),
         "rows": rows,
     }
     args.results.mkdir(parents=True, exist_ok=True)
