@@ -126,7 +126,7 @@ class _Decoder:
         self.tokens = torch.zeros(self.MAX_STEPS + 1, batch_size, dtype=torch.long, device=device)
         self.positions = torch.zeros(self.MAX_STEPS, dtype=torch.long, device=device)
         self.gumbel = torch.zeros(self.MAX_STEPS, batch_size, model.vocab_size, device=device)
-        self.use_graphs = device.type == "cuda"
+        self.device, self.use_graphs = device, device.type == "cuda"
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None  # one memory pool for all graphs: they never run at the same time
 
@@ -154,20 +154,25 @@ class _Decoder:
 
     def _graph(self, model: GPT, n: int) -> torch.cuda.CUDAGraph:
         if n not in self.graphs:
-            stream = torch.cuda.Stream()  # captures run on a side stream
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                if not self.graphs:  # warm up kernels and allocator outside the capture; the inputs are set,
-                    for _ in range(2):  # so the step writes what the replay will write
-                        self._steps(model, 1)
-                # capture_begin/end rather than torch.cuda.graph(), which runs gc.collect() for every graph
-                graph = torch.cuda.CUDAGraph()
-                graph.capture_begin(pool=self.pool)
-                self._steps(model, n)
-                graph.capture_end()
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graphs[n], self.pool = graph, graph.pool()
+            with torch.cuda.device(self.device):  # the model's GPU, which need not be the current one
+                self.graphs[n] = self._capture(model, n)
         return self.graphs[n]
+
+    def _capture(self, model: GPT, n: int) -> torch.cuda.CUDAGraph:
+        stream = torch.cuda.Stream()  # captures run on a side stream
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            if not self.graphs:  # warm up kernels and allocator outside the capture; the inputs are set, so
+                for _ in range(2):  # the step writes what the replay will write
+                    self._steps(model, 1)
+            # capture_begin/end rather than torch.cuda.graph(), which runs gc.collect() for every graph
+            graph = torch.cuda.CUDAGraph()
+            graph.capture_begin(pool=self.pool)
+            self._steps(model, n)
+            graph.capture_end()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.pool = graph.pool()
+        return graph
 
 
 def _decode_logits(model: GPT, tokens: Tensor, position: Tensor) -> Tensor:
@@ -182,7 +187,7 @@ _kept: weakref.WeakKeyDictionary[GPT, tuple[tuple, _Decoder]] = weakref.WeakKeyD
 
 def _decoder(model: GPT, batch_size: int, params: SamplingParams, compile: bool) -> _Decoder:
     """A decoder whose KV caches are in place in the model."""
-    key = (batch_size, params, compile, tuple(p.data_ptr() for p in model.parameters()))
+    key = (batch_size, params, compile, tuple((p.data_ptr(), p.dtype, p.shape) for p in model.parameters()))
     kept = _kept.get(model)
     if kept is not None and kept[0] == key:
         model.attach_kv_cache(kept[1].caches)

@@ -17,6 +17,7 @@ from nanogpt.config import ModelConfig
 class KVCache(nn.Module):
     """Keys and values of every position seen so far, preallocated to the full context length, in one buffer
     (2, B, H, max_len, hs) so that a step writes both with one copy; and the attention mask of the positions.
+    Both are in the model's dtype (the mask's); under autocast the attention converts.
 
     `mask` (max_len, max_len) is additive: row p is 0 for the keys a query at position p sees (0..p) and
     -inf for the rest, stale entries included. The caches of a model's layers share one.
@@ -53,7 +54,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, qkv[1], qkv[2], dropout_p=dropout, is_causal=True)
         else:
             k, v = self.kv_cache.update(input_pos, qkv[1:])
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask.to(q.dtype))
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -134,11 +135,11 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-    def setup_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> list[KVCache]:
+    def setup_kv_cache(self, batch_size: int) -> list[KVCache]:
         """Give every attention layer a cache for `batch_size` sequences of up to block_size positions; return them."""
         ref = self.lm_head.weight
         causal = torch.ones(self.cfg.block_size, self.cfg.block_size, dtype=torch.bool, device=ref.device).tril()
-        mask = torch.zeros(causal.shape, dtype=dtype or ref.dtype, device=ref.device).masked_fill(~causal, -math.inf)
+        mask = torch.zeros(causal.shape, dtype=ref.dtype, device=ref.device).masked_fill(~causal, -math.inf)
         caches = [KVCache(batch_size, self.cfg.n_head, self.cfg.head_size, mask) for _ in self.blocks]
         self.attach_kv_cache(caches)
         return caches

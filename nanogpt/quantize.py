@@ -23,6 +23,8 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
+        if linear.bias is not None:
+            raise ValueError("Int8Linear quantizes bias-free linear layers only")
         w = linear.weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
         self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8))

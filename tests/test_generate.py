@@ -15,8 +15,9 @@ GREEDY = SamplingParams(temperature=0.0, top_k=None, top_p=None)
 PLAIN = SamplingParams(temperature=1.0, top_k=None, top_p=None)
 TOP_K = SamplingParams(temperature=0.8, top_k=4, top_p=None)
 TOP_P = SamplingParams(temperature=1.2, top_k=None, top_p=0.7)
-# the generator's CUDA path (decode steps replayed as CUDA graphs) is checked where a GPU is present
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# the generator's CUDA path (decode steps replayed as CUDA graphs) is checked on every GPU present: on one
+# that is not the current device too
+DEVICES = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
 
 
 def log_probs(*probs: float) -> torch.Tensor:
