@@ -219,6 +219,7 @@ SAMPLE_CASES = {
     "characters outside the vocabulary": (["--prompt", "the ~é#{"], ["outside the vocabulary", "~", "é", "#", "{"]),
     "empty prompt": (["--prompt", ""], ["sample.prompt is empty"]),
     "negative num_tokens": (["--num_tokens", "-1"], ["sample.num_tokens must be >= 0, got -1"]),
+    "num_tokens not a number": (["--num_tokens", "abc"], ["argument --num_tokens", "'abc'", "--help"]),
     "num_samples 0": (["--num_samples", "0"], ["sample.num_samples must be >= 1, got 0"]),
     "top_k 0": (["--top_k", "0"], ["sample.top_k must be null or >= 1, got 0"]),
     "top_p 0": (["--top_p", "0"], ["sample.top_p must be null or in (0, 1], got 0.0"]),
