@@ -58,26 +58,27 @@ def main() -> None:
 
     device = runtime.resolve_device(args.device)
     model, tokenizer, _ = load_checkpoint(args.checkpoint, device)
-    dtype = "fp32"
-    if device.type == "cuda":
-        model = model.to(torch.bfloat16)
-        dtype = "bf16"
+    dtype = runtime.resolve_dtype("auto", device)  # as the sample stage runs: bf16 (or fp16) on CUDA
+    model = model.to(dtype)
     params = SamplingParams(temperature=1.0, top_k=args.top_k, top_p=None)
     prompt = tokenizer.encode("\n")
-    models = {"kv-cache": model, "reference": model, "kv-cache+compile": model}
-    fns = {"kv-cache": generate, "reference": generate_reference,
-           "kv-cache+compile": functools.partial(generate, compile=True)}
+    compiled = functools.partial(generate, compile=True)
+    generators = {"kv-cache": (model, generate)}  # name -> (model, generator)
+    if args.compile:
+        generators["kv-cache+compile"] = (model, compiled)
     if args.int8:
-        models["kv-cache+int8"] = models["kv-cache+int8+compile"] = quantize_int8(copy.deepcopy(model))
-        fns["kv-cache+int8"], fns["kv-cache+int8+compile"] = generate, fns["kv-cache+compile"]
+        int8 = quantize_int8(copy.deepcopy(model))
+        generators["kv-cache+int8"] = (int8, generate)
+        if args.compile:
+            generators["kv-cache+int8+compile"] = (int8, compiled)
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    kinds = [kind for kind in fns if kind != "reference" and (args.compile or "compile" not in kind)]
-    settings = [(kind, b) for kind in kinds for b in batches]
+    settings = [(kind, b) for kind in generators for b in batches]
     if args.reference:
+        generators["reference"] = (model, generate_reference)
         settings.append(("reference", 1))
     rows, cold_start = [], None
     for kind, batch in settings:
-        fn, m = fns[kind], models[kind]
+        m, fn = generators[kind]
         seconds = []
         for i in range(3):
             seconds.append(timed(lambda: fn(m, prompt, args.num_tokens, batch, params, seed=i), device))
@@ -91,7 +92,7 @@ def main() -> None:
     result = {
         "name": args.name, "date": datetime.date.today().isoformat(),
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "torch": torch.__version__, "dtype": dtype, "num_tokens": args.num_tokens, "top_k": args.top_k,
+        "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "num_tokens": args.num_tokens, "top_k": args.top_k,
         "cold_start_s": cold_start, "cold_start_batch": settings[0][1],
         "command": "python -m benchmarks.sample " + " ".join(sys.argv[1:]),
         "rows": rows,

@@ -61,13 +61,12 @@ def run_sampling(cfg: SampleConfig, run: SampleRun, stream: TextIO | None) -> li
     if top_k is not None and top_k > tokenizer.vocab_size:
         print(f"note: sample.top_k ({top_k}) is larger than the vocabulary; clamped to {tokenizer.vocab_size}")
         top_k = tokenizer.vocab_size
+    model = model.to(runtime.resolve_dtype("auto", device))  # bf16 (or fp16) on CUDA, fp32 elsewhere
     if cfg.quantize == "int8":
         if device.type != "cpu":
             raise UserError(f"sample.quantize int8 is for sampling on the CPU, and this run is on {device}: "
                             "set sample.quantize to null, or sample with --device cpu")
         quantize_int8(model)
-    if device.type == "cuda":
-        model = model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     params = SamplingParams(cfg.temperature, top_k, cfg.top_p)
     streamer = None
     if stream is not None and cfg.num_samples == 1:

@@ -158,24 +158,16 @@ def test_read_corpus_returns_the_text(tmp_path):
     assert read_corpus(path) == "héllo\nwörld\n"
 
 
-def test_read_corpus_rejects_an_empty_file(tmp_path):
+@pytest.mark.parametrize("content, problem", [(b"", "empty"), (b"caf\xe9 latin-1\n", "UTF-8")],
+                         ids=["empty", "not utf-8"])
+def test_read_corpus_rejects_a_bad_file(tmp_path, content, problem):
     path = tmp_path / "input.txt"
-    path.write_bytes(b"")
+    path.write_bytes(content)
 
     with pytest.raises(UserError) as info:
         read_corpus(path)
 
-    assert str(path) in str(info.value) and "empty" in str(info.value)
-
-
-def test_read_corpus_rejects_non_utf8(tmp_path):
-    path = tmp_path / "input.txt"
-    path.write_bytes(b"caf\xe9 latin-1\n")
-
-    with pytest.raises(UserError) as info:
-        read_corpus(path)
-
-    assert str(path) in str(info.value) and "UTF-8" in str(info.value)
+    assert str(path) in str(info.value) and problem in str(info.value)
 
 
 def test_load_tokens_round_trip(tmp_path):
