@@ -1,6 +1,7 @@
 """The project's error type and the wrapper that turns it into a one-line message and an exit code."""
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -22,5 +23,8 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
+        except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail
+            sys.exit(1)
 
     return wrapper

@@ -8,6 +8,7 @@ import http.server
 import json
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from conftest import (DELETE, TINY_PARAMS, copy_project, make_corpus, make_project, run_stage, set_params,
-                      snapshot)
+                      snapshot, tool_env)
 
 # Dropout on, as in a real run; 20 steps leave a checkpoint from the last evaluation.
 OVERRIDES = {"model.dropout": 0.1, "train.max_iters": 20}
@@ -293,6 +294,17 @@ def test_temperature_zero_is_greedy(trained: Path) -> None:
         outputs.append((trained / "out" / "samples.txt").read_text())
     assert outputs[0] == outputs[1]
     assert len(outputs[0]) == len("\n") + 40 + len("\n")
+
+
+def test_sampling_into_a_pipe_closed_early_ends_quietly(trained: Path) -> None:
+    """`python stages/sample.py | head`: the reader leaves while the text streams (more than a pipe buffer)."""
+    proc = subprocess.Popen([sys.executable, "-m", "stages.sample", "--num_tokens", "100000"], cwd=trained,
+                            env=tool_env(trained), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.read(5)
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1
+    assert stderr == ""
 
 
 def test_int8_sampling_on_the_cpu(trained: Path) -> None:
