@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanogpt.model import GPT
 
@@ -59,15 +60,25 @@ def logits_to_probs(logits: Tensor, params: SamplingParams) -> Tensor:
     return torch.softmax(filtered_logits(logits, params), dim=-1)
 
 
-def sample(logits: Tensor, params: SamplingParams, gumbel: Tensor) -> Tensor:
-    """One token id per row of `logits` (B, V), given standard Gumbel noise of the same shape.
+def sample(logits: Tensor, params: SamplingParams, gumbel: Tensor, out: Tensor | None = None) -> Tensor:
+    """One token id per row of `logits` (B, V), given standard Gumbel noise of the same shape; into `out`
+    (B,) when given.
 
     argmax(log p + G) with G ~ Gumbel(0, 1) is a draw from p (the Gumbel-max trick: no host sync, and
     no softmax, since log p needs no normalising constant).
     """
     if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    return (filtered_logits(logits, params) + gumbel).argmax(dim=-1)
+        scores = logits
+    elif _unfiltered(params, logits.size(-1)):
+        scores = torch.add(gumbel, logits, alpha=1 / params.temperature)  # logits / T + G in one kernel
+    else:
+        scores = filtered_logits(logits, params) + gumbel
+    return torch.argmax(scores, dim=-1, out=out)
+
+
+def _unfiltered(params: SamplingParams, vocab_size: int) -> bool:
+    """Whether top-k and top-p keep every token."""
+    return (params.top_k is None or params.top_k >= vocab_size) and (params.top_p is None or params.top_p >= 1.0)
 
 
 class Noise:
@@ -98,7 +109,8 @@ class Noise:
 @torch.no_grad()
 def generate_reference(model: GPT, prompt: list[int], num_tokens: int, num_samples: int,
                        params: SamplingParams, seed: int) -> Tensor:
-    """Recompute the whole context for every new token (nanoGPT's way): slow, simple, the yardstick."""
+    """Recompute the whole context for every new token (nanoGPT's way): slow, simple, the yardstick.
+    Returns (num_samples, num_tokens) token ids on the CPU, as generate does."""
     device = model.lm_head.weight.device
     noise = Noise(seed, num_samples, model.vocab_size, device)
     seq = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)
@@ -106,7 +118,7 @@ def generate_reference(model: GPT, prompt: list[int], num_tokens: int, num_sampl
         w = context_length(seq.size(1), model.cfg.block_size)
         logits, _ = model(seq[:, -w:])
         seq = torch.cat([seq, sample(logits[:, -1], params, noise.steps(i, 1)[0])[:, None]], dim=1)
-    return seq[:, len(prompt):]
+    return seq[:, len(prompt):].cpu()
 
 
 class _Decoder:
@@ -127,15 +139,25 @@ class _Decoder:
         self.positions = torch.zeros(self.MAX_STEPS, dtype=torch.long, device=device)
         self.gumbel = torch.zeros(self.MAX_STEPS, batch_size, model.vocab_size, device=device)
         self.device, self.use_graphs = device, device.type == "cuda"
+        # two host buffers, so that a run's tokens can arrive while the caller still holds the last run's
+        self.host = [torch.empty(self.MAX_STEPS, batch_size, dtype=torch.long, pin_memory=self.use_graphs)
+                     for _ in range(2)]
+        self.copied = [torch.cuda.Event() for _ in range(2)] if self.use_graphs else []
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None  # one memory pool for all graphs: they never run at the same time
 
     def run(self, model: GPT, token: Tensor, pos: int, gumbel: Tensor) -> Iterator[Tensor]:
-        """Yield the tokens (n, B) of len(gumbel) steps, a run at a time; the first step feeds `token` (B,) at
-        cache position `pos`."""
+        """Yield the tokens (n, B), on the CPU, of len(gumbel) steps, a run at a time; the first step feeds
+        `token` (B,) at cache position `pos`.
+
+        On CUDA each run's tokens come back by an asynchronous copy, and the next run is launched before
+        they are handed over: the GPU keeps decoding while the caller prints them.
+        """
+        ahead = None  # (slot, n) of the last run launched
         done = 0
         while done < len(gumbel):
             n = 1 << (min(len(gumbel) - done, self.MAX_STEPS).bit_length() - 1)
+            slot = 0 if ahead is None else 1 - ahead[0]
             self.tokens[0].copy_(token)
             torch.arange(pos + done, pos + done + n, out=self.positions[:n])
             self.gumbel[:n].copy_(gumbel[done : done + n])
@@ -143,14 +165,24 @@ class _Decoder:
                 self._graph(model, n).replay()
             else:
                 self._steps(model, n)
-            out = self.tokens[1 : n + 1].clone()
-            yield out
-            token, done = out[-1], done + n
+            self.host[slot][:n].copy_(self.tokens[1 : n + 1], non_blocking=True)
+            if self.use_graphs:
+                self.copied[slot].record(torch.cuda.current_stream(self.device))
+            if ahead is not None:
+                yield self._fetch(*ahead)
+            ahead, token, done = (slot, n), self.tokens[n], done + n
+        if ahead is not None:
+            yield self._fetch(*ahead)
+
+    def _fetch(self, slot: int, n: int) -> Tensor:
+        if self.use_graphs:
+            self.copied[slot].synchronize()
+        return self.host[slot][:n].clone()
 
     def _steps(self, model: GPT, n: int) -> None:
         for j in range(n):
             logits = self.forward(model, self.tokens[j], self.positions[j : j + 1])
-            self.tokens[j + 1].copy_(sample(logits, self.params, self.gumbel[j]))
+            sample(logits, self.params, self.gumbel[j], out=self.tokens[j + 1])
 
     def _graph(self, model: GPT, n: int) -> torch.cuda.CUDAGraph:
         if n not in self.graphs:
@@ -201,7 +233,7 @@ def _decoder(model: GPT, batch_size: int, params: SamplingParams, compile: bool)
 @torch.no_grad()
 def generate(model: GPT, prompt: list[int], num_tokens: int, num_samples: int, params: SamplingParams,
              seed: int, on_tokens: Callable[[Tensor], None] | None = None, compile: bool = False) -> Tensor:
-    """`num_samples` continuations of `prompt`, (num_samples, num_tokens) token ids, using a KV cache.
+    """`num_samples` continuations of `prompt`, (num_samples, num_tokens) token ids on the CPU, using a KV cache.
 
     The same tokens as generate_reference for the same seed. `on_tokens` receives the new tokens
     (num_samples, k) as they are produced, a few at a time (for streaming to a terminal). `compile` fuses
@@ -212,8 +244,8 @@ def generate(model: GPT, prompt: list[int], num_tokens: int, num_samples: int, p
     device = model.lm_head.weight.device
     block_size = model.cfg.block_size
     noise = Noise(seed, num_samples, model.vocab_size, device)
-    seq = torch.empty(num_samples, len(prompt) + num_tokens, dtype=torch.long, device=device)
-    seq[:, : len(prompt)] = torch.tensor(prompt, device=device)
+    seq = torch.empty(num_samples, len(prompt) + num_tokens, dtype=torch.long)  # on the CPU
+    seq[:, : len(prompt)] = torch.tensor(prompt)
     n = len(prompt)  # tokens in seq so far
 
     def emit(tokens: Tensor) -> None:  # (num_samples, k) new tokens
@@ -230,8 +262,8 @@ def generate(model: GPT, prompt: list[int], num_tokens: int, num_samples: int, p
             # one position at a time until the cache is full or the tokens are all there
             w = context_length(n, block_size)
             i = n - len(prompt)  # index of the token to sample
-            token = sample(_prefill(model, seq[:, n - w : n]), params, noise.steps(i, 1)[0])
-            emit(token[:, None])
+            token = sample(_prefill(model, seq[:, n - w : n].to(device)), params, noise.steps(i, 1)[0])
+            emit(token[:, None].cpu())
             steps = min(block_size - w, num_tokens - i - 1)
             for tokens in decoder.run(model, token, w, noise.steps(i + 1, steps)):
                 emit(tokens.T)
@@ -242,4 +274,7 @@ def generate(model: GPT, prompt: list[int], num_tokens: int, num_samples: int, p
 
 def _prefill(model: GPT, window: Tensor) -> Tensor:
     positions = torch.arange(window.size(1), device=window.device)
-    return model(window, input_pos=positions)[0][:, -1]
+    # cuDNN, which SDPA prefers for masked attention on recent GPUs, compiles its kernel at run time in every new
+    # process (~0.2 s): more than this one call per window can win back
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        return model(window, input_pos=positions)[0][:, -1]

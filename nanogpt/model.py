@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from nanogpt.config import ModelConfig
+from nanogpt.kernels import decode_attention, decode_attention_supported
 
 
 class KVCache(nn.Module):
@@ -28,6 +29,11 @@ class KVCache(nn.Module):
         shape = (2, batch_size, n_head, len(mask), head_size)
         self.register_buffer("kv", torch.zeros(shape, dtype=mask.dtype, device=mask.device), persistent=False)
         self.register_buffer("mask", mask, persistent=False)
+
+    def fused(self, T: int) -> bool:
+        """Whether T new positions go through the fused decode kernel, which needs no mask: one at a time,
+        on a GPU with Triton."""
+        return T == 1 and decode_attention_supported(self.kv)
 
     def update(self, input_pos: Tensor, kv: Tensor) -> tuple[Tensor, Tensor]:
         """Write kv (2, B, H, T, hs) at positions `input_pos` (T,); return all keys and all values."""
@@ -47,6 +53,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, input_pos: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
+        if self.kv_cache is not None and self.kv_cache.fused(T):
+            kv = self.kv_cache.kv
+            return self.resid_dropout(self.c_proj(decode_attention(self.c_attn(x).to(kv.dtype), kv, input_pos)))
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hs)
         q = qkv[0]
         if self.kv_cache is None:
@@ -123,7 +132,7 @@ class GPT(nn.Module):
             input_pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(input_pos))
         cache = self.blocks[0].attn.kv_cache
-        mask = None if cache is None else cache.mask[input_pos][None, None]
+        mask = None if cache is None or cache.fused(T) else cache.mask[input_pos][None, None]
         for block in self.blocks:
             if self.cfg.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, input_pos, mask, use_reentrant=False)

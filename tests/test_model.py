@@ -17,6 +17,10 @@ def tiny_model(cfg: ModelConfig = TINY, seed: int = 0) -> GPT:
     return GPT(cfg, VOCAB).eval()
 
 
+# on a GPU with Triton a cached decode step goes through the fused kernel (nanogpt/kernels.py); on the CPU through SDPA
+DEVICES = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+
+
 def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -96,17 +100,19 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(dropout):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_kv_cache_decode_matches_a_full_forward():
-    model = tiny_model()
-    x = tokens(3, 16)
+@pytest.mark.parametrize("device", DEVICES)
+@torch.no_grad()
+def test_kv_cache_decode_matches_a_full_forward(device):
+    model = tiny_model().to(device)
+    x = tokens(3, 16).to(device)
     prefill = 5
     full, _ = model(x)
 
     model.setup_kv_cache(batch_size=3)
-    logits, _ = model(x[:, :prefill], input_pos=torch.arange(prefill))
+    logits, _ = model(x[:, :prefill], input_pos=torch.arange(prefill, device=device))
     steps = [logits[:, -1]]
     for pos in range(prefill, 16):
-        logits, _ = model(x[:, pos : pos + 1], input_pos=torch.tensor([pos]))
+        logits, _ = model(x[:, pos : pos + 1], input_pos=torch.tensor([pos], device=device))
         steps.append(logits[:, -1])
     model.drop_kv_cache()
 
