@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanogpt.model import GPT
 
@@ -139,42 +138,52 @@ class _Decoder:
         self.positions = torch.zeros(self.MAX_STEPS, dtype=torch.long, device=device)
         self.gumbel = torch.zeros(self.MAX_STEPS, batch_size, model.vocab_size, device=device)
         self.device, self.use_graphs = device, device.type == "cuda"
-        # two host buffers, so that a run's tokens can arrive while the caller still holds the last run's
         self.host = [torch.empty(self.MAX_STEPS, batch_size, dtype=torch.long, pin_memory=self.use_graphs)
                      for _ in range(2)]
         self.copied = [torch.cuda.Event() for _ in range(2)] if self.use_graphs else []
+        self.slot = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None  # one memory pool for all graphs: they never run at the same time
 
-    def run(self, model: GPT, token: Tensor, pos: int, gumbel: Tensor) -> Iterator[Tensor]:
-        """Yield the tokens (n, B), on the CPU, of len(gumbel) steps, a run at a time; the first step feeds
-        `token` (B,) at cache position `pos`.
+    def prefill(self, model: GPT, window: Tensor, gumbel: Tensor, out: Tensor) -> tuple[int, int]:
+        """Fill the caches with `window` (B, w) at positions 0..w-1 and sample the token after it, the input of
+        the next `steps`; write it into `out` (B,) on the device too. Returns the token's handle for `fetch`."""
+        positions = torch.arange(window.size(1), device=window.device)
+        sample(model(window, input_pos=positions)[0][:, -1], self.params, gumbel, out=self.tokens[0])
+        out.copy_(self.tokens[0])
+        return self._send(self.tokens[:1])
 
-        On CUDA each run's tokens come back by an asynchronous copy, and the next run is launched before
-        they are handed over: the GPU keeps decoding while the caller prints them.
-        """
-        ahead = None  # (slot, n) of the last run launched
+    def steps(self, model: GPT, pos: int, gumbel: Tensor, out: Tensor) -> Iterator[tuple[int, int]]:
+        """Launch len(gumbel) decode steps from the last sampled token at cache position `pos`, in runs; write
+        their tokens into `out` (B, len(gumbel)) on the device. Yields each run's handle for `fetch` once the
+        run is launched, before it is done."""
         done = 0
-        while done < len(gumbel):
-            n = 1 << (min(len(gumbel) - done, self.MAX_STEPS).bit_length() - 1)
-            slot = 0 if ahead is None else 1 - ahead[0]
-            self.tokens[0].copy_(token)
+        for n in _run_lengths(len(gumbel), self.MAX_STEPS):
             torch.arange(pos + done, pos + done + n, out=self.positions[:n])
             self.gumbel[:n].copy_(gumbel[done : done + n])
             if self.use_graphs:
                 self._graph(model, n).replay()
             else:
                 self._steps(model, n)
-            self.host[slot][:n].copy_(self.tokens[1 : n + 1], non_blocking=True)
-            if self.use_graphs:
-                self.copied[slot].record(torch.cuda.current_stream(self.device))
-            if ahead is not None:
-                yield self._fetch(*ahead)
-            ahead, token, done = (slot, n), self.tokens[n], done + n
-        if ahead is not None:
-            yield self._fetch(*ahead)
+            out[:, done : done + n] = self.tokens[1 : n + 1].T
+            handle = self._send(self.tokens[1 : n + 1])
+            self.tokens[0].copy_(self.tokens[n])  # the input of the next run
+            done += n
+            yield handle
 
-    def _fetch(self, slot: int, n: int) -> Tensor:
+    def _send(self, tokens: Tensor) -> tuple[int, int]:
+        """Start copying tokens (n, B) to a host buffer; return (buffer, n). The two buffers are used in turn, so
+        a run's tokens can arrive while the caller still reads the last run's."""
+        slot, self.slot = self.slot, 1 - self.slot
+        self.host[slot][: len(tokens)].copy_(tokens, non_blocking=True)
+        if self.use_graphs:
+            self.copied[slot].record(torch.cuda.current_stream(self.device))
+        return slot, len(tokens)
+
+    def fetch(self, handle: tuple[int, int]) -> Tensor:
+        """The tokens (n, B) of a handle, on the CPU, once they are there; fetch each handle in launch order,
+        before the launch after next."""
+        slot, n = handle
         if self.use_graphs:
             self.copied[slot].synchronize()
         return self.host[slot][:n].clone()
@@ -242,39 +251,52 @@ def generate(model: GPT, prompt: list[int], num_tokens: int, num_samples: int, p
     if not prompt:
         raise ValueError("generation needs a prompt of at least one token")
     device = model.lm_head.weight.device
-    block_size = model.cfg.block_size
     noise = Noise(seed, num_samples, model.vocab_size, device)
     seq = torch.empty(num_samples, len(prompt) + num_tokens, dtype=torch.long)  # on the CPU
     seq[:, : len(prompt)] = torch.tensor(prompt)
+    on_device = seq.to(device)  # the same tokens, written there as they are sampled: prefills read them
+    decoder = _decoder(model, num_samples, params, compile)
+
+    def launches() -> Iterator[tuple[int, int]]:
+        """Launch the whole generation, window by window, without waiting for the device: fill the cache with
+        the context (the prompt, or after a slide the last half block), then decode one position at a time
+        until the cache is full or the tokens are all there."""
+        n = len(prompt)  # tokens launched so far
+        while n < seq.size(1):
+            w = context_length(n, model.cfg.block_size)
+            i = n - len(prompt)  # index of the token to sample
+            yield decoder.prefill(model, on_device[:, n - w : n], noise.steps(i, 1)[0], out=on_device[:, n])
+            steps = min(model.cfg.block_size - w, num_tokens - i - 1)
+            yield from decoder.steps(model, w, noise.steps(i + 1, steps), out=on_device[:, n + 1 : n + 1 + steps])
+            n += 1 + steps
+
     n = len(prompt)  # tokens in seq so far
 
-    def emit(tokens: Tensor) -> None:  # (num_samples, k) new tokens
+    def emit(handle: tuple[int, int]) -> None:
         nonlocal n
+        tokens = decoder.fetch(handle).T  # (num_samples, k)
         seq[:, n : n + tokens.size(1)] = tokens
         n += tokens.size(1)
         if on_tokens is not None:
             on_tokens(tokens)
 
-    decoder = _decoder(model, num_samples, params, compile)
     try:
-        while n < seq.size(1):
-            # fill the cache with the context (the prompt, or after a slide the last half block), then decode
-            # one position at a time until the cache is full or the tokens are all there
-            w = context_length(n, block_size)
-            i = n - len(prompt)  # index of the token to sample
-            token = sample(_prefill(model, seq[:, n - w : n].to(device)), params, noise.steps(i, 1)[0])
-            emit(token[:, None].cpu())
-            steps = min(block_size - w, num_tokens - i - 1)
-            for tokens in decoder.run(model, token, w, noise.steps(i + 1, steps)):
-                emit(tokens.T)
+        # fetch each launch's tokens after the next launch, so that the device always has work queued: at a
+        # slide the prefill is launched while the last run of the window still decodes
+        ahead = None
+        for handle in launches():
+            if ahead is not None:
+                emit(ahead)
+            ahead = handle
+        if ahead is not None:
+            emit(ahead)
     finally:
         model.drop_kv_cache()
     return seq[:, len(prompt):]
 
 
-def _prefill(model: GPT, window: Tensor) -> Tensor:
-    positions = torch.arange(window.size(1), device=window.device)
-    # cuDNN, which SDPA prefers for masked attention on recent GPUs, compiles its kernel at run time in every new
-    # process (~0.2 s): more than this one call per window can win back
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        return model(window, input_pos=positions)[0][:, -1]
+def _run_lengths(steps: int, max_steps: int) -> list[int]:
+    """Powers of two up to max_steps that add up to steps, shortest first: a window's first tokens come out
+    soon, and its last run is a long one, behind which the next prefill is launched."""
+    rest = steps % max_steps
+    return [1 << b for b in range(rest.bit_length()) if rest >> b & 1] + [max_steps] * (steps // max_steps)
