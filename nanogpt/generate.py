@@ -105,7 +105,7 @@ class Noise:
         return self.buffer[i - self.start : i - self.start + n]
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate_reference(model: GPT, prompt: list[int], num_tokens: int, num_samples: int,
                        params: SamplingParams, seed: int) -> Tensor:
     """Recompute the whole context for every new token (nanoGPT's way): slow, simple, the yardstick.
@@ -175,7 +175,7 @@ class _Decoder:
         """Start copying tokens (n, B) to a host buffer; return (buffer, n). The two buffers are used in turn, so
         a run's tokens can arrive while the caller still reads the last run's."""
         slot, self.slot = self.slot, 1 - self.slot
-        self.host[slot][: len(tokens)].copy_(tokens, non_blocking=True)
+        self.host[slot][: len(tokens)].copy_(tokens, non_blocking=self.use_graphs)  # CUDA: the event says when
         if self.use_graphs:
             self.copied[slot].record(torch.cuda.current_stream(self.device))
         return slot, len(tokens)
@@ -203,9 +203,11 @@ class _Decoder:
         stream = torch.cuda.Stream()  # captures run on a side stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            if not self.graphs:  # warm up kernels and allocator outside the capture; the inputs are set, so
-                for _ in range(2):  # the step writes what the replay will write
-                    self._steps(model, 1)
+            # warm up outside the capture (kernels compiled and loaded, allocator and cuBLAS set up). Two steps
+            # where the run has them: Triton specialises on the alignment of positions[j], which differs for odd
+            # j. The inputs are set, so the steps write what the replay will write.
+            for _ in range(1 if self.graphs else 2):
+                self._steps(model, min(n, 2))
             # capture_begin/end rather than torch.cuda.graph(), which runs gc.collect() for every graph
             graph = torch.cuda.CUDAGraph()
             graph.capture_begin(pool=self.pool)
@@ -239,7 +241,6 @@ def _decoder(model: GPT, batch_size: int, params: SamplingParams, compile: bool)
     return decoder
 
 
-@torch.inference_mode()  # lighter than no_grad on each of the ~200 operators a CPU step runs: ~10% faster there
 def generate(model: GPT, prompt: list[int], num_tokens: int, num_samples: int, params: SamplingParams,
              seed: int, on_tokens: Callable[[Tensor], None] | None = None, compile: bool = False) -> Tensor:
     """`num_samples` continuations of `prompt`, (num_samples, num_tokens) token ids on the CPU, using a KV cache.
@@ -250,10 +251,20 @@ def generate(model: GPT, prompt: list[int], num_tokens: int, num_samples: int, p
     """
     if not prompt:
         raise ValueError("generation needs a prompt of at least one token")
-    device = model.lm_head.weight.device
-    noise = Noise(seed, num_samples, model.vocab_size, device)
-    seq = torch.empty(num_samples, len(prompt) + num_tokens, dtype=torch.long)  # on the CPU
+    seq = torch.empty(num_samples, len(prompt) + num_tokens, dtype=torch.long)  # on the CPU, an ordinary tensor
     seq[:, : len(prompt)] = torch.tensor(prompt)
+    # inference mode is lighter than no_grad on each of the ~200 operators a CPU step runs: ~10% faster there
+    with torch.inference_mode():
+        _generate(model, seq, len(prompt), num_samples, params, seed, on_tokens, compile)
+    return seq[:, len(prompt):]
+
+
+def _generate(model: GPT, seq: Tensor, prompt_len: int, num_samples: int, params: SamplingParams, seed: int,
+              on_tokens: Callable[[Tensor], None] | None, compile: bool) -> None:
+    """Fill seq[:, prompt_len:] with new tokens."""
+    device = model.lm_head.weight.device
+    num_tokens = seq.size(1) - prompt_len
+    noise = Noise(seed, num_samples, model.vocab_size, device)
     on_device = seq.to(device)  # the same tokens, written there as they are sampled: prefills read them
     decoder = _decoder(model, num_samples, params, compile)
 
@@ -261,24 +272,25 @@ def generate(model: GPT, prompt: list[int], num_tokens: int, num_samples: int, p
         """Launch the whole generation, window by window, without waiting for the device: fill the cache with
         the context (the prompt, or after a slide the last half block), then decode one position at a time
         until the cache is full or the tokens are all there."""
-        n = len(prompt)  # tokens launched so far
+        n = prompt_len  # tokens launched so far
         while n < seq.size(1):
             w = context_length(n, model.cfg.block_size)
-            i = n - len(prompt)  # index of the token to sample
+            i = n - prompt_len  # index of the token to sample
             yield decoder.prefill(model, on_device[:, n - w : n], noise.steps(i, 1)[0], out=on_device[:, n])
             steps = min(model.cfg.block_size - w, num_tokens - i - 1)
             yield from decoder.steps(model, w, noise.steps(i + 1, steps), out=on_device[:, n + 1 : n + 1 + steps])
             n += 1 + steps
 
-    n = len(prompt)  # tokens in seq so far
+    n = prompt_len  # tokens in seq so far
 
     def emit(handle: tuple[int, int]) -> None:
         nonlocal n
         tokens = decoder.fetch(handle).T  # (num_samples, k)
-        seq[:, n : n + tokens.size(1)] = tokens
-        n += tokens.size(1)
+        k = tokens.size(1)
+        seq[:, n : n + k] = tokens
         if on_tokens is not None:
-            on_tokens(tokens)
+            on_tokens(seq[:, n : n + k])  # a view of seq, an ordinary tensor outside inference mode too
+        n += k
 
     try:
         # fetch each launch's tokens after the next launch, so that the device always has work queued: at a
@@ -292,7 +304,6 @@ def generate(model: GPT, prompt: list[int], num_tokens: int, num_samples: int, p
             emit(ahead)
     finally:
         model.drop_kv_cache()
-    return seq[:, len(prompt):]
 
 
 def _run_lengths(steps: int, max_steps: int) -> list[int]:

@@ -1,8 +1,8 @@
 """One Triton kernel for the GPU decode step: write the new key and value into the cache and attend, fused.
 
 A decode step at batch 1 is a chain of ~80 tiny kernels, each bound by its launch and start-up latency, not
-by work. Per layer, PyTorch's way spends two of them on attention (the cache write, then SDPA, ~9 us on an
-H100); this kernel does both in one (~3 us). Where Triton is missing (CPU-only installs, macOS, Windows)
+by work. Per layer, PyTorch's way spends two of them on attention (the cache write, then SDPA: 9.3 us on an
+H100); this kernel does both in one (4.0 us; BENCHMARKS.md). Where Triton is missing (CPU-only installs, macOS, Windows)
 `decode_attention_supported` is False and the model uses SDPA.
 """
 
@@ -27,15 +27,18 @@ def decode_attention_supported(kv: Tensor) -> bool:
 def decode_attention(qkv: Tensor, kv: Tensor, position: Tensor) -> Tensor:
     """Attention of one new position per sequence, writing its key and value into the cache first.
 
-    qkv (B, 1, 3C): the new position's query, key and value, heads side by side (c_attn's output).
+    qkv (B, 1, 3C): the new position's query, key and value, heads side by side (c_attn's output), in the
+    cache's dtype.
     kv (2, B, H, max_len, hs): the cache, for which decode_attention_supported holds; position (1,): where
-    the new key and value go. Each query sees the keys at positions 0..position. Returns (B, 1, C), heads side by side, in qkv's dtype.
+    the new key and value go. Each query sees the keys at positions 0..position. Returns (B, 1, C), heads
+    side by side, in qkv's dtype.
     """
     B, _, three_c = qkv.shape
-    _, _, H, max_len, hs = kv.shape
+    H, hs = kv.size(2), kv.size(4)
     out = torch.empty(B, 1, three_c // 3, dtype=qkv.dtype, device=qkv.device)
-    _decode_attention[(B, H)](qkv, kv, position, out, qkv.stride(0), kv.stride(0), kv.stride(1), kv.stride(2),
-                              hs ** -0.5, H=H, HS=hs, BLOCK_T=64, num_warps=4)
+    with torch.cuda.device(kv.device):  # Triton launches on the current device, which need not be the cache's
+        _decode_attention[(B, H)](qkv, kv, position, out, qkv.stride(0), kv.stride(0), kv.stride(1), kv.stride(2),
+                                  hs ** -0.5, H=H, HS=hs, BLOCK_T=64, num_warps=4)
     return out
 
 
