@@ -6,6 +6,8 @@ H100); this kernel does both in one (4.0 us; BENCHMARKS.md). Where Triton is mis
 `decode_attention_supported` is False and the model uses SDPA.
 """
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -17,11 +19,16 @@ except ImportError:  # the CPU build of torch comes without Triton
 
 
 def decode_attention_supported(kv: Tensor) -> bool:
-    """Whether `decode_attention` can run on this cache: on a CUDA device, with Triton, in one buffer of
-    16 or 32-bit floats, with a power-of-two head size."""
+    """Whether `decode_attention` can run on this cache: on a CUDA device that Triton supports, in one buffer
+    of 16 or 32-bit floats, with a power-of-two head size."""
     head_size = kv.size(-1)
-    return (triton is not None and kv.is_cuda and kv.is_contiguous() and head_size & (head_size - 1) == 0
-            and kv.dtype in (torch.float16, torch.bfloat16, torch.float32))
+    return (triton is not None and kv.is_cuda and _triton_supports(kv.device.index or 0) and kv.is_contiguous()
+            and head_size & (head_size - 1) == 0 and kv.dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+@functools.cache
+def _triton_supports(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (7, 0)  # as torch.compile requires
 
 
 def decode_attention(qkv: Tensor, kv: Tensor, position: Tensor) -> Tensor:
