@@ -131,7 +131,7 @@ class _Decoder:
     def __init__(self, model: GPT, batch_size: int, params: SamplingParams, compile: bool) -> None:
         device = model.lm_head.weight.device
         # the model is passed to each call, never stored: a kept decoder must not keep its model alive
-        self.forward, self.params = torch.compile(_decode_logits, dynamic=False) if compile else _decode_logits, params
+        self.forward, self.params = torch.compile(_next_logits, dynamic=False) if compile else _next_logits, params
         self.caches = model.setup_kv_cache(batch_size)
         # static inputs and outputs of the graphs: tokens[j] is step j's input, tokens[j + 1] its output
         self.tokens = torch.zeros(self.MAX_STEPS + 1, batch_size, dtype=torch.long, device=device)
@@ -149,7 +149,7 @@ class _Decoder:
         """Fill the caches with `window` (B, w) at positions 0..w-1 and sample the token after it, the input of
         the next `steps`; write it into `out` (B,) on the device too. Returns the token's handle for `fetch`."""
         positions = torch.arange(window.size(1), device=window.device)
-        sample(model(window, input_pos=positions)[0][:, -1], self.params, gumbel, out=self.tokens[0])
+        sample(_next_logits(model, window, positions), self.params, gumbel, out=self.tokens[0])
         out.copy_(self.tokens[0])
         return self._send(self.tokens[:1])
 
@@ -190,7 +190,7 @@ class _Decoder:
 
     def _steps(self, model: GPT, n: int) -> None:
         for j in range(n):
-            logits = self.forward(model, self.tokens[j], self.positions[j : j + 1])
+            logits = self.forward(model, self.tokens[j, :, None], self.positions[j : j + 1])
             sample(logits, self.params, self.gumbel[j], out=self.tokens[j + 1])
 
     def _graph(self, model: GPT, n: int) -> torch.cuda.CUDAGraph:
@@ -218,9 +218,9 @@ class _Decoder:
         return graph
 
 
-def _decode_logits(model: GPT, tokens: Tensor, position: Tensor) -> Tensor:
-    """Next-token logits (B, V) after `tokens` (B,) at cache position `position` (1,)."""
-    return model(tokens[:, None], input_pos=position)[0][:, -1]
+def _next_logits(model: GPT, tokens: Tensor, positions: Tensor) -> Tensor:
+    """Next-token logits (B, V) after `tokens` (B, T) at cache positions `positions` (T,)."""
+    return model(tokens, input_pos=positions)[0][:, -1]
 
 
 # On CUDA the last decoder of each model is kept, so that its next generation with the same batch size and
@@ -265,7 +265,8 @@ def _generate(model: GPT, seq: Tensor, prompt_len: int, num_samples: int, params
     device = model.lm_head.weight.device
     num_tokens = seq.size(1) - prompt_len
     noise = Noise(seed, num_samples, model.vocab_size, device)
-    on_device = seq.to(device)  # the same tokens, written there as they are sampled: prefills read them
+    # the same tokens, written there as they are sampled: prefills read them (on the CPU this is seq itself)
+    on_device = seq.to(device)
     decoder = _decoder(model, num_samples, params, compile)
 
     def launches() -> Iterator[tuple[int, int]]:

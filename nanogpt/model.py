@@ -29,11 +29,12 @@ class KVCache(nn.Module):
         shape = (2, batch_size, n_head, len(mask), head_size)
         self.register_buffer("kv", torch.zeros(shape, dtype=mask.dtype, device=mask.device), persistent=False)
         self.register_buffer("mask", mask, persistent=False)
+        self.decodes_fused = decode_attention_supported(self.kv)  # settled once: the buffer never changes
 
     def fused(self, T: int) -> bool:
         """Whether T new positions go through the fused decode kernel, which needs no mask: one at a time,
         on a GPU with Triton."""
-        return T == 1 and decode_attention_supported(self.kv)
+        return T == 1 and self.decodes_fused
 
     def update(self, input_pos: Tensor, kv: Tensor) -> tuple[Tensor, Tensor]:
         """Write kv (2, B, H, T, hs) at positions `input_pos` (T,); return all keys and all values."""
