@@ -1,7 +1,8 @@
 """Plot val loss against wall time (from the stage's launch) for benchmark result files.
 
     python -m benchmarks.plot benchmarks/results/2026-11-25-h100-run4-ttt-warm.json ... -o benchmarks/val_loss_vs_time.png
-"""
+"""  # fmt: skip
+# (fmt: skip keeps the docstring as written: ruff format would dedent the example, which --help shows)
 
 import argparse
 import json
@@ -11,7 +12,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
 
 
 def main() -> None:
@@ -25,9 +25,15 @@ def main() -> None:
     for path in args.results:
         result = json.loads(path.read_text())
         series = result["series"]
-        ax.plot([r["seconds"] for r in series], [r["val_loss"] for r in series], marker=".",
-                label=f"{result['name']} ({result['card']})")
-    ax.scatter([81.6], [1.4667], color="black", marker="x", zorder=3, label="nanoGPT: best 1.4667, 1.47 reached at 81.6 s")
+        ax.plot(
+            [r["seconds"] for r in series],
+            [r["val_loss"] for r in series],
+            marker=".",
+            label=f"{result['name']} ({result['card']})",
+        )
+    ax.scatter(
+        [81.6], [1.4667], color="black", marker="x", zorder=3, label="nanoGPT: best 1.4667, 1.47 reached at 81.6 s"
+    )
     ax.axhline(args.target, color="grey", linestyle="--", linewidth=0.8)
     ax.set_xlabel("seconds since the train stage's launch")
     ax.set_ylabel("val loss (nats per character, whole split)")

@@ -52,8 +52,12 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--compile", action="store_true", help="also time the cached generator with torch.compile")
     p.add_argument("--int8", action="store_true", help="also time the cached generator with int8 weights (CPU)")
-    p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time the full-context reference at batch 1")
+    p.add_argument(
+        "--reference",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the full-context reference at batch 1",
+    )
     args = p.parse_args()
 
     device = runtime.resolve_device(args.device)
@@ -84,16 +88,25 @@ def main() -> None:
             seconds.append(timed(lambda: fn(m, prompt, args.num_tokens, batch, params, seed=i), device))
             if cold_start is None:
                 cold_start = round(time.perf_counter() - launched, 3)
-        row = {"generator": kind, "batch": batch, "first_s": round(seconds[0], 3),
-               "first_tokens_per_sec": round(args.num_tokens * batch / seconds[0]),
-               "steady_tokens_per_sec": round(args.num_tokens * batch / seconds[2])}
+        row = {
+            "generator": kind,
+            "batch": batch,
+            "first_s": round(seconds[0], 3),
+            "first_tokens_per_sec": round(args.num_tokens * batch / seconds[0]),
+            "steady_tokens_per_sec": round(args.num_tokens * batch / seconds[2]),
+        }
         rows.append(row)
         print(row, flush=True)
     result = {
-        "name": args.name, "date": datetime.date.today().isoformat(),
+        "name": args.name,
+        "date": datetime.date.today().isoformat(),
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "num_tokens": args.num_tokens, "top_k": args.top_k,
-        "cold_start_s": cold_start, "cold_start_batch": settings[0][1],
+        "torch": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "num_tokens": args.num_tokens,
+        "top_k": args.top_k,
+        "cold_start_s": cold_start,
+        "cold_start_batch": settings[0][1],
         "command": "python -m benchmarks.sample " + " ".join(sys.argv[1:]),
         "rows": rows,
     }

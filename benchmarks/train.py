@@ -67,12 +67,20 @@ def stage_command(nproc: int) -> list[str]:
     """The train stage as one process, or through torchrun with `nproc` processes (one a GPU)."""
     if nproc == 1:
         return [sys.executable, "-m", "stages.train"]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "stages.train"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "stages.train",
+    ]
 
 
-def run_stage(params: dict[str, Any], data_dir: Path, target: float, keep: Path | None,
-              nproc: int = 1) -> dict[str, Any]:
+def run_stage(
+    params: dict[str, Any], data_dir: Path, target: float, keep: Path | None, nproc: int = 1
+) -> dict[str, Any]:
     """Run the train stage in a scratch folder; time every evaluation line from launch."""
     with tempfile.TemporaryDirectory(prefix="nanogpt-bench-") as tmp:
         work = Path(tmp)
@@ -82,8 +90,9 @@ def run_stage(params: dict[str, Any], data_dir: Path, target: float, keep: Path 
             shutil.copyfile(data_dir / name, work / "data" / name)
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
         launched = time.perf_counter()
-        proc = subprocess.Popen(stage_command(nproc), cwd=work, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            stage_command(nproc), cwd=work, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         series, log, ready = [], [], None
         for line in proc.stdout:
             log.append(line.rstrip())
@@ -91,8 +100,14 @@ def run_stage(params: dict[str, Any], data_dir: Path, target: float, keep: Path 
             if m := READY_LINE.search(line):
                 ready = float(m[1])
             if m := VAL_LINE.match(line):
-                series.append({"step": int(m[1]), "seconds": round(time.perf_counter() - launched, 3),
-                               "train_loss": float(m[2]), "val_loss": float(m[3])})
+                series.append(
+                    {
+                        "step": int(m[1]),
+                        "seconds": round(time.perf_counter() - launched, 3),
+                        "train_loss": float(m[2]),
+                        "val_loss": float(m[3]),
+                    }
+                )
         if proc.wait() != 0:
             raise SystemExit(f"train stage failed with exit code {proc.returncode}")
         wall = time.perf_counter() - launched
@@ -100,8 +115,15 @@ def run_stage(params: dict[str, Any], data_dir: Path, target: float, keep: Path 
         if keep is not None:
             shutil.copyfile(work / "out" / "ckpt.pt", keep)
     hit = next((row for row in series if row["val_loss"] <= target), None)
-    return {"summary": summary, "series": series, "stage_wall_s": round(wall, 2), "ready_s": ready, "log": log,
-            "time_to_target_s": hit["seconds"] if hit else None, "step_at_target": hit["step"] if hit else None}
+    return {
+        "summary": summary,
+        "series": series,
+        "stage_wall_s": round(wall, 2),
+        "ready_s": ready,
+        "log": log,
+        "time_to_target_s": hit["seconds"] if hit else None,
+        "step_at_target": hit["step"] if hit else None,
+    }
 
 
 @exit_on_user_error
@@ -127,15 +149,22 @@ def main() -> None:
     s = run["summary"]
     device = "cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else cfg.train.device
     peak = measure_peak_tflops(device)
-    fpt = flops_per_token(s["num_params"], cfg.model.block_size * cfg.model.n_embd, cfg.model.n_layer,
-                          cfg.model.n_embd, cfg.model.block_size)
+    fpt = flops_per_token(
+        s["num_params"],
+        cfg.model.block_size * cfg.model.n_embd,
+        cfg.model.n_layer,
+        cfg.model.n_embd,
+        cfg.model.block_size,
+    )
     result = {
         "name": args.name,
         "date": datetime.date.today().isoformat(),
         "card": torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)",
         "torch": torch.__version__,
-        "command": "python -m benchmarks.train " + (f"--nproc {args.nproc} " if args.nproc > 1 else "")
-                   + " ".join(f"--set {s}" for s in args.set) + f" --name {args.name}",
+        "command": "python -m benchmarks.train "
+        + (f"--nproc {args.nproc} " if args.nproc > 1 else "")
+        + " ".join(f"--set {s}" for s in args.set)
+        + f" --name {args.name}",
         "processes": args.nproc,
         "config": {"model": vars(cfg.model), "train": vars(cfg.train)},
         "ms_per_step": round(1000 * s["tokens_per_step"] / s["tokens_per_sec"], 3) if s["tokens_per_sec"] else None,
@@ -157,9 +186,11 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"{args.name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{args.name}: {result['ms_per_step']} ms/step, {s['tokens_per_sec']:,} tok/s, mfu {result['mfu']}, "
-          f"target {args.target} at {run['time_to_target_s']} s (step {run['step_at_target']}), "
-          f"best {s['best_val_loss']} at step {s['best_step']}, stage {run['stage_wall_s']} s -> {out}")
+    print(
+        f"{args.name}: {result['ms_per_step']} ms/step, {s['tokens_per_sec']:,} tok/s, mfu {result['mfu']}, "
+        f"target {args.target} at {run['time_to_target_s']} s (step {run['step_at_target']}), "
+        f"best {s['best_val_loss']} at step {s['best_step']}, stage {run['stage_wall_s']} s -> {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -24,23 +24,28 @@ RESUME_FORMAT = 1  # bump when the resume state's layout or the training traject
 
 
 def save_checkpoint(path: Path | str, model: GPT, tokenizer: Tokenizer, step: int, val_loss: float) -> None:
-    files.torch_save({
-        "format": CHECKPOINT_FORMAT,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "model_config": dataclasses.asdict(model.cfg),
-        "vocab_size": model.vocab_size,
-        "tokenizer": tokenizer.to_dict(),
-        "step": step,
-        "val_loss": val_loss,
-    }, path)
+    files.torch_save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "model_config": dataclasses.asdict(model.cfg),
+            "vocab_size": model.vocab_size,
+            "tokenizer": tokenizer.to_dict(),
+            "step": step,
+            "val_loss": val_loss,
+        },
+        path,
+    )
 
 
 def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer, dict[str, Any]]:
     """The model (in eval mode, on `device`), its tokenizer, and the checkpoint's step and val loss."""
     ckpt = files.torch_load(path, "checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"checkpoint {path} is not a checkpoint of this project (format {CHECKPOINT_FORMAT}): "
-                        "retrain with `dvc repro train`")
+        raise UserError(
+            f"checkpoint {path} is not a checkpoint of this project (format {CHECKPOINT_FORMAT}): "
+            "retrain with `dvc repro train`"
+        )
     try:
         model = GPT(ModelConfig(**ckpt["model_config"]), ckpt["vocab_size"])
         model.load_state_dict(ckpt["model"])
@@ -48,8 +53,10 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tup
         raise UserError(f"checkpoint {path} does not match the model code: {str(exc).splitlines()[0]}") from None
     tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
     if tokenizer.vocab_size != model.vocab_size:
-        raise UserError(f"checkpoint {path}: vocabulary of {tokenizer.vocab_size} tokens does not match the "
-                        f"model's {model.vocab_size}: retrain with `dvc repro train`")
+        raise UserError(
+            f"checkpoint {path}: vocabulary of {tokenizer.vocab_size} tokens does not match the "
+            f"model's {model.vocab_size}: retrain with `dvc repro train`"
+        )
     return model.to(device).eval(), tokenizer, {"step": ckpt["step"], "val_loss": ckpt["val_loss"]}
 
 

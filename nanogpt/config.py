@@ -223,32 +223,39 @@ def _range_problems(section: str, valid: dict[str, Any]) -> list[str]:
 # Each rule is a predicate over some keys of a section (its parameter names) and the message when it fails.
 _RULES: dict[str, list[tuple[Any, str]]] = {
     "data": [
-        (lambda url: "://" in url and url.split("://")[0] in ("http", "https", "file"),
-         "url must start with http://, https:// or file://, got {url!r}"),
-        (lambda sha256: re.fullmatch(r"[0-9a-fA-F]{64}", sha256) is not None,
-         "sha256 must be 64 hex digits, got {sha256!r}"),
+        (
+            lambda url: "://" in url and url.split("://")[0] in ("http", "https", "file"),
+            "url must start with http://, https:// or file://, got {url!r}",
+        ),
+        (
+            lambda sha256: re.fullmatch(r"[0-9a-fA-F]{64}", sha256) is not None,
+            "sha256 must be 64 hex digits, got {sha256!r}",
+        ),
         (lambda timeout: timeout > 0, "timeout must be > 0, got {timeout}"),
         (lambda retries: retries >= 0, "retries must be >= 0, got {retries}"),
     ],
     "encode": [
         (lambda val_fraction: 0 < val_fraction < 1, "val_fraction must be in (0, 1), got {val_fraction}"),
-        (lambda vocab_size: 257 <= vocab_size <= 65536,
-         "vocab_size must be in [257, 65536] (256 bytes plus merges), got {vocab_size}"),
+        (
+            lambda vocab_size: 257 <= vocab_size <= 65536,
+            "vocab_size must be in [257, 65536] (256 bytes plus merges), got {vocab_size}",
+        ),
     ],
     "model": [
         (lambda block_size: block_size >= 1, "block_size must be >= 1, got {block_size}"),
         (lambda n_layer: n_layer >= 1, "n_layer must be >= 1, got {n_layer}"),
         (lambda n_head: n_head >= 1, "n_head must be >= 1, got {n_head}"),
         (lambda n_embd: n_embd >= 1, "n_embd must be >= 1, got {n_embd}"),
-        (lambda n_embd, n_head: n_head < 1 or n_embd % n_head == 0,
-         "n_embd ({n_embd}) must be divisible by model.n_head ({n_head})"),
+        (
+            lambda n_embd, n_head: n_head < 1 or n_embd % n_head == 0,
+            "n_embd ({n_embd}) must be divisible by model.n_head ({n_head})",
+        ),
         (lambda dropout: 0 <= dropout < 1, "dropout must be in [0, 1), got {dropout}"),
     ],
     "train": [
         (lambda batch_size: batch_size >= 1, "batch_size must be >= 1, got {batch_size}"),
         (lambda learning_rate: learning_rate > 0, "learning_rate must be > 0, got {learning_rate}"),
-        (lambda muon_learning_rate: muon_learning_rate > 0,
-         "muon_learning_rate must be > 0, got {muon_learning_rate}"),
+        (lambda muon_learning_rate: muon_learning_rate > 0, "muon_learning_rate must be > 0, got {muon_learning_rate}"),
         (lambda max_iters: max_iters >= 1, "max_iters must be >= 1, got {max_iters}"),
         (lambda warmup_iters: warmup_iters >= 0, "warmup_iters must be >= 0, got {warmup_iters}"),
         (lambda min_lr: 0 <= min_lr <= 1, "min_lr must be in [0, 1] (a fraction of learning_rate), got {min_lr}"),
@@ -258,11 +265,15 @@ _RULES: dict[str, list[tuple[Any, str]]] = {
         (lambda grad_clip: grad_clip >= 0, "grad_clip must be >= 0 (0 turns it off), got {grad_clip}"),
         (lambda grad_accum_steps: grad_accum_steps >= 1, "grad_accum_steps must be >= 1, got {grad_accum_steps}"),
         (lambda eval_interval: eval_interval >= 1, "eval_interval must be >= 1, got {eval_interval}"),
-        (lambda eval_iters: eval_iters is None or eval_iters >= 1,
-         "eval_iters must be null (whole split) or >= 1, got {eval_iters}"),
+        (
+            lambda eval_iters: eval_iters is None or eval_iters >= 1,
+            "eval_iters must be null (whole split) or >= 1, got {eval_iters}",
+        ),
         (lambda resume_interval: resume_interval >= 0, "resume_interval must be >= 0, got {resume_interval}"),
-        (lambda device: DEVICE_PATTERN.match(device) is not None,
-         "device must be auto, cpu, cuda, cuda:N or mps, got {device!r}"),
+        (
+            lambda device: DEVICE_PATTERN.match(device) is not None,
+            "device must be auto, cpu, cuda, cuda:N or mps, got {device!r}",
+        ),
     ],
     "sample": [
         (lambda num_tokens: num_tokens >= 0, "num_tokens must be >= 0, got {num_tokens}"),

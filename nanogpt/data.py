@@ -22,8 +22,7 @@ def load_tokens(path: Path | str) -> Tensor:
     return tokens
 
 
-def get_batch(tokens: Tensor, batch_size: int, block_size: int,
-              generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def get_batch(tokens: Tensor, batch_size: int, block_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """`batch_size` random windows of `block_size` tokens and their next-token targets, on tokens' device."""
     return windows(tokens, sample_starts(len(tokens), batch_size, block_size, generator), block_size)
 
@@ -56,8 +55,10 @@ def eval_windows(tokens: Tensor, block_size: int) -> EvalSet:
     the others missed, so each of the len(tokens) - 1 targets counts once."""
     n = len(tokens)
     if n < block_size + 1:
-        raise UserError(f"model.block_size ({block_size}) needs at least {block_size + 1} tokens in the split, "
-                        f"which has {n}: lower model.block_size or raise encode.val_fraction")
+        raise UserError(
+            f"model.block_size ({block_size}) needs at least {block_size + 1} tokens in the split, "
+            f"which has {n}: lower model.block_size or raise encode.val_fraction"
+        )
     full = (n - 1) // block_size
     starts = list(range(0, full * block_size, block_size))
     tail = (n - 1) - full * block_size
@@ -72,8 +73,15 @@ def eval_windows(tokens: Tensor, block_size: int) -> EvalSet:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: EvalSet, batch_size: int, autocast: contextlib.AbstractContextManager,
-             max_batches: int | None = None, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
+def evaluate(
+    model: torch.nn.Module,
+    data: EvalSet,
+    batch_size: int,
+    autocast: contextlib.AbstractContextManager,
+    max_batches: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[Tensor, Tensor]:
     """Sum of the loss in nats and the number of targets, over this rank's share of `data`.
 
     `max_batches` counts batches per rank, so N ranks with batch b cover the windows one process covers

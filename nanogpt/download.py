@@ -52,8 +52,10 @@ def _fetch_once(cfg: DataConfig, dest: Path) -> int:
             out.write(chunk)
             size += len(chunk)
         if digest.hexdigest() != cfg.sha256.lower():
-            raise UserError(f"sha256 of {cfg.url} is {digest.hexdigest()}, expected {cfg.sha256} (data.sha256): "
-                            "the file is not the expected corpus; nothing was written")
+            raise UserError(
+                f"sha256 of {cfg.url} is {digest.hexdigest()}, expected {cfg.sha256} (data.sha256): "
+                "the file is not the expected corpus; nothing was written"
+            )
     return size
 
 

@@ -97,8 +97,13 @@ class Noise:
         """Noise (n, B, V) for new tokens i .. i + n - 1; steps must be asked for in increasing order."""
         while self.start + len(self.buffer) < i + n:
             drop = min(i - self.start, len(self.buffer))
-            exponential = torch.stack([torch.empty(self.CHUNK, self.vocab_size, device=self.device)
-                                       .exponential_(generator=g) for g in self.generators], dim=1)
+            exponential = torch.stack(
+                [
+                    torch.empty(self.CHUNK, self.vocab_size, device=self.device).exponential_(generator=g)
+                    for g in self.generators
+                ],
+                dim=1,
+            )
             gumbel = exponential.clamp_(min=torch.finfo(exponential.dtype).tiny).log_().neg_()
             self.buffer = torch.cat([self.buffer[drop:], gumbel])
             self.start += drop
@@ -106,8 +111,9 @@ class Noise:
 
 
 @torch.no_grad()
-def generate_reference(model: GPT, prompt: list[int], num_tokens: int, num_samples: int,
-                       params: SamplingParams, seed: int) -> Tensor:
+def generate_reference(
+    model: GPT, prompt: list[int], num_tokens: int, num_samples: int, params: SamplingParams, seed: int
+) -> Tensor:
     """Recompute the whole context for every new token (nanoGPT's way): slow, simple, the yardstick.
     Returns (num_samples, num_tokens) token ids on the CPU, as generate does."""
     device = model.lm_head.weight.device
@@ -117,7 +123,7 @@ def generate_reference(model: GPT, prompt: list[int], num_tokens: int, num_sampl
         w = context_length(seq.size(1), model.cfg.block_size)
         logits, _ = model(seq[:, -w:])
         seq = torch.cat([seq, sample(logits[:, -1], params, noise.steps(i, 1)[0])[:, None]], dim=1)
-    return seq[:, len(prompt):].cpu()
+    return seq[:, len(prompt) :].cpu()
 
 
 class _Decoder:
@@ -138,8 +144,9 @@ class _Decoder:
         self.positions = torch.zeros(self.MAX_STEPS, dtype=torch.long, device=device)
         self.gumbel = torch.zeros(self.MAX_STEPS, batch_size, model.vocab_size, device=device)
         self.device, self.use_graphs = device, device.type == "cuda"
-        self.host = [torch.empty(self.MAX_STEPS, batch_size, dtype=torch.long, pin_memory=self.use_graphs)
-                     for _ in range(2)]
+        self.host = [
+            torch.empty(self.MAX_STEPS, batch_size, dtype=torch.long, pin_memory=self.use_graphs) for _ in range(2)
+        ]
         self.copied = [torch.cuda.Event() for _ in range(2)] if self.use_graphs else []
         self.slot = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -241,8 +248,16 @@ def _decoder(model: GPT, batch_size: int, params: SamplingParams, compile: bool)
     return decoder
 
 
-def generate(model: GPT, prompt: list[int], num_tokens: int, num_samples: int, params: SamplingParams,
-             seed: int, on_tokens: Callable[[Tensor], None] | None = None, compile: bool = False) -> Tensor:
+def generate(
+    model: GPT,
+    prompt: list[int],
+    num_tokens: int,
+    num_samples: int,
+    params: SamplingParams,
+    seed: int,
+    on_tokens: Callable[[Tensor], None] | None = None,
+    compile: bool = False,
+) -> Tensor:
     """`num_samples` continuations of `prompt`, (num_samples, num_tokens) token ids on the CPU, using a KV cache.
 
     The same tokens as generate_reference for the same seed. `on_tokens` receives the new tokens
@@ -256,11 +271,19 @@ def generate(model: GPT, prompt: list[int], num_tokens: int, num_samples: int, p
     # inference mode is lighter than no_grad on each of the ~200 operators a CPU step runs: ~10% faster there
     with torch.inference_mode():
         _generate(model, seq, len(prompt), num_samples, params, seed, on_tokens, compile)
-    return seq[:, len(prompt):]
+    return seq[:, len(prompt) :]
 
 
-def _generate(model: GPT, seq: Tensor, prompt_len: int, num_samples: int, params: SamplingParams, seed: int,
-              on_tokens: Callable[[Tensor], None] | None, compile: bool) -> None:
+def _generate(
+    model: GPT,
+    seq: Tensor,
+    prompt_len: int,
+    num_samples: int,
+    params: SamplingParams,
+    seed: int,
+    on_tokens: Callable[[Tensor], None] | None,
+    compile: bool,
+) -> None:
     """Fill seq[:, prompt_len:] with new tokens."""
     device = model.lm_head.weight.device
     num_tokens = seq.size(1) - prompt_len

@@ -22,8 +22,14 @@ def decode_attention_supported(kv: Tensor) -> bool:
     """Whether `decode_attention` can run on this cache: on a CUDA device that Triton supports, in one buffer
     of 16 or 32-bit floats, with a power-of-two head size."""
     head_size = kv.size(-1)
-    return (triton is not None and kv.is_cuda and _triton_supports(kv.device.index or 0) and kv.is_contiguous()
-            and head_size & (head_size - 1) == 0 and kv.dtype in (torch.float16, torch.bfloat16, torch.float32))
+    return (
+        triton is not None
+        and kv.is_cuda
+        and _triton_supports(kv.device.index or 0)
+        and kv.is_contiguous()
+        and head_size & (head_size - 1) == 0
+        and kv.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    )
 
 
 @functools.cache
@@ -44,16 +50,41 @@ def decode_attention(qkv: Tensor, kv: Tensor, position: Tensor) -> Tensor:
     H, hs = kv.size(2), kv.size(4)
     out = torch.empty(B, 1, three_c // 3, dtype=qkv.dtype, device=qkv.device)
     with torch.cuda.device(kv.device):  # Triton launches on the current device, which need not be the cache's
-        _decode_attention[(B, H)](qkv, kv, position, out, qkv.stride(0), kv.stride(0), kv.stride(1), kv.stride(2),
-                                  hs ** -0.5, H=H, HS=hs, BLOCK_T=64, num_warps=4)
+        _decode_attention[(B, H)](
+            qkv,
+            kv,
+            position,
+            out,
+            qkv.stride(0),
+            kv.stride(0),
+            kv.stride(1),
+            kv.stride(2),
+            hs**-0.5,
+            H=H,
+            HS=hs,
+            BLOCK_T=64,
+            num_warps=4,
+        )
     return out
 
 
 if triton is not None:
 
     @triton.jit
-    def _decode_attention(qkv_ptr, kv_ptr, position_ptr, out_ptr, stride_qkv_b, stride_kv, stride_kv_b,
-                          stride_kv_h, scale, H: tl.constexpr, HS: tl.constexpr, BLOCK_T: tl.constexpr):
+    def _decode_attention(
+        qkv_ptr,
+        kv_ptr,
+        position_ptr,
+        out_ptr,
+        stride_qkv_b,
+        stride_kv,
+        stride_kv_b,
+        stride_kv_h,
+        scale,
+        H: tl.constexpr,
+        HS: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+    ):
         """One program per (sequence, head): an online softmax over the cached keys in blocks of BLOCK_T."""
         b, h = tl.program_id(0), tl.program_id(1)
         position = tl.load(position_ptr).to(tl.int32)

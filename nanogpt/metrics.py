@@ -24,8 +24,10 @@ class MetricsLog:
     @classmethod
     def from_state(cls, state: dict[str, Any], step: int) -> "MetricsLog":
         """The series up to and including `step`: rows past it were logged after the state was saved."""
-        return cls([tuple(r) for r in state["train_rows"] if r[0] <= step],
-                   [tuple(r) for r in state["val_rows"] if r[0] <= step])
+        return cls(
+            [tuple(r) for r in state["train_rows"] if r[0] <= step],
+            [tuple(r) for r in state["val_rows"] if r[0] <= step],
+        )
 
     def write(self, folder: Path | str, summary: dict[str, Any]) -> None:
         folder = Path(folder)

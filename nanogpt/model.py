@@ -120,8 +120,9 @@ class GPT(nn.Module):
         """Number of distinct parameters (the tied embedding counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None,
-                input_pos: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, input_pos: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab) for token ids `idx` (B, T); the mean cross-entropy too when `targets` is given.
 
         With caches set up (`setup_kv_cache`), `input_pos` (T,) gives the positions of `idx` in the cache.

@@ -32,12 +32,21 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -
     no_decay = [p for n, p in params.items() if p.dim() < 2]
     adamw = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+        lr=cfg.learning_rate,
+        betas=(cfg.beta1, cfg.beta2),
+        fused=device.type == "cuda",
+    )
     optimizers: list[torch.optim.Optimizer] = [adamw]
     if hidden:
-        optimizers.append(BatchedMuon([params[n] for n in sorted(hidden)], lr=cfg.muon_learning_rate,
-                                      weight_decay=cfg.weight_decay, momentum=0.95,
-                                      cuda_graph=device.type == "cuda"))
+        optimizers.append(
+            BatchedMuon(
+                [params[n] for n in sorted(hidden)],
+                lr=cfg.muon_learning_rate,
+                weight_decay=cfg.weight_decay,
+                momentum=0.95,
+                cuda_graph=device.type == "cuda",
+            )
+        )
     for opt in optimizers:
         for group in opt.param_groups:
             group["peak_lr"] = group["lr"]
@@ -60,8 +69,15 @@ class BatchedMuon(torch.optim.Optimizer):
     place, so callers must keep them allocated (`zero_grad(set_to_none=False)`).
     """
 
-    def __init__(self, params: list[torch.Tensor], lr: float, weight_decay: float, momentum: float = 0.95,
-                 ns_steps: int = 5, cuda_graph: bool = False) -> None:
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        lr: float,
+        weight_decay: float,
+        momentum: float = 0.95,
+        ns_steps: int = 5,
+        cuda_graph: bool = False,
+    ) -> None:
         if any(p.dim() != 2 for p in params):
             raise ValueError("BatchedMuon handles 2-D matrices only")
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "ns_steps": ns_steps})

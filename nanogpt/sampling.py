@@ -52,8 +52,9 @@ def run_sampling(cfg: SampleConfig, run: SampleRun, stream: TextIO | None) -> li
     device = runtime.resolve_device(run.device, setting="--device")
     model, tokenizer, _ = load_checkpoint(run.checkpoint, device)
     if run.vocab is not None and load_tokenizer(run.vocab).to_dict() != tokenizer.to_dict():
-        raise UserError(f"checkpoint {run.checkpoint} was trained with another vocabulary than {run.vocab}: "
-                        "rerun `dvc repro train`")
+        raise UserError(
+            f"checkpoint {run.checkpoint} was trained with another vocabulary than {run.vocab}: rerun `dvc repro train`"
+        )
     if not cfg.prompt:
         raise UserError('sample.prompt is empty: give at least one character, e.g. --prompt "\\n"')
     prompt = tokenizer.encode(cfg.prompt)
@@ -64,8 +65,10 @@ def run_sampling(cfg: SampleConfig, run: SampleRun, stream: TextIO | None) -> li
     model = model.to(runtime.resolve_dtype("auto", device))  # bf16 (or fp16) on CUDA, fp32 elsewhere
     if cfg.quantize == "int8":
         if device.type != "cpu":
-            raise UserError(f"sample.quantize int8 is for sampling on the CPU, and this run is on {device}: "
-                            "set sample.quantize to null, or sample with --device cpu")
+            raise UserError(
+                f"sample.quantize int8 is for sampling on the CPU, and this run is on {device}: "
+                "set sample.quantize to null, or sample with --device cpu"
+            )
         quantize_int8(model)
     params = SamplingParams(cfg.temperature, top_k, cfg.top_p)
     streamer = None
@@ -73,8 +76,9 @@ def run_sampling(cfg: SampleConfig, run: SampleRun, stream: TextIO | None) -> li
         stream.write(cfg.prompt)
         streamer = TextStreamer(tokenizer, stream)
     started = time.perf_counter()
-    tokens = generate(model, prompt, cfg.num_tokens, cfg.num_samples, params, cfg.seed, on_tokens=streamer,
-                      compile=cfg.compile)
+    tokens = generate(
+        model, prompt, cfg.num_tokens, cfg.num_samples, params, cfg.seed, on_tokens=streamer, compile=cfg.compile
+    )
     runtime.synchronize(device)
     seconds = time.perf_counter() - started
     texts = [cfg.prompt + tokenizer.decode(row) for row in tokens.tolist()]
@@ -83,8 +87,14 @@ def run_sampling(cfg: SampleConfig, run: SampleRun, stream: TextIO | None) -> li
     if run.output is not None:
         files.write_text(run.output, _join(texts))
     if run.metrics is not None:
-        files.write_json(run.metrics, {"tokens_per_sec": round(cfg.num_tokens * cfg.num_samples / max(seconds, 1e-9)),
-                                       "num_tokens": cfg.num_tokens, "num_samples": cfg.num_samples})
+        files.write_json(
+            run.metrics,
+            {
+                "tokens_per_sec": round(cfg.num_tokens * cfg.num_samples / max(seconds, 1e-9)),
+                "num_tokens": cfg.num_tokens,
+                "num_samples": cfg.num_samples,
+            },
+        )
     return texts
 
 

@@ -36,8 +36,10 @@ class CharTokenizer:
     def encode(self, text: str) -> list[int]:
         unknown = sorted(set(text) - self._index.keys())
         if unknown:
-            raise UserError(f"text has characters outside the vocabulary: {''.join(unknown)!r}; "
-                            "use only characters from the training text")
+            raise UserError(
+                f"text has characters outside the vocabulary: {''.join(unknown)!r}; "
+                "use only characters from the training text"
+            )
         return [self._index[ch] for ch in text]
 
     def decode(self, ids: list[int]) -> str:
@@ -64,8 +66,9 @@ class BpeTokenizer:
         tok = HfTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        )
         tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
         return cls(tok)
 

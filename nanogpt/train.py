@@ -38,8 +38,10 @@ class Interrupted(Exception):
     """Training stopped on SIGINT/SIGTERM after saving its resume state."""
 
     def __init__(self, signum: int, step: int) -> None:
-        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; "
-                         "resume state saved: run the same command again to continue")
+        super().__init__(
+            f"interrupted by {signal.Signals(signum).name} at step {step}; "
+            "resume state saved: run the same command again to continue"
+        )
         self.signum = signum
 
 
@@ -75,8 +77,10 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths(), show_progress: bool = T
         try:
             import torch.utils.tensorboard  # noqa: F401
         except ImportError:
-            raise UserError("train.tensorboard is true but tensorboard is not installed: "
-                            "pip install tensorboard, or set train.tensorboard=false") from None
+            raise UserError(
+                "train.tensorboard is true but tensorboard is not installed: "
+                "pip install tensorboard, or set train.tensorboard=false"
+            ) from None
     dist_info = distributed.init_from_env(device.type)
     try:
         return _Trainer(cfg, paths, device, dtype, dist_info, show_progress).run()
@@ -85,8 +89,15 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths(), show_progress: bool = T
 
 
 class _Trainer:
-    def __init__(self, cfg: Config, paths: TrainPaths, device: torch.device, dtype: torch.dtype,
-                 dist_info: DistInfo, show_progress: bool) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        paths: TrainPaths,
+        device: torch.device,
+        dtype: torch.dtype,
+        dist_info: DistInfo,
+        show_progress: bool,
+    ) -> None:
         self.cfg, self.tc, self.paths = cfg, cfg.train, paths
         self.device, self.dtype, self.dist = device, dtype, dist_info
         self.started = time.perf_counter() - (runtime.seconds_since_launch() or 0.0)
@@ -108,22 +119,33 @@ class _Trainer:
         self.batch_rng.manual_seed(self.tc.seed)
         torch.manual_seed(self.tc.seed + dist_info.rank)  # same initial weights on every rank, own dropout
         self.autocast = runtime.autocast(device, dtype)
-        self.tokens_per_step = self.tc.batch_size * cfg.model.block_size * self.tc.grad_accum_steps * dist_info.world_size
+        self.tokens_per_step = (
+            self.tc.batch_size * cfg.model.block_size * self.tc.grad_accum_steps * dist_info.world_size
+        )
 
         self.step, self.best_val, self.best_step = 0, math.inf, 0
         self.metrics = MetricsLog()
         self.store = ResumeStore(paths.resume_dir)
-        settings = {"model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(self.tc),
-                    "device": device.type, "dtype": str(dtype), "world_size": dist_info.world_size}
+        settings = {
+            "model": dataclasses.asdict(cfg.model),
+            "train": dataclasses.asdict(self.tc),
+            "device": device.type,
+            "dtype": str(dtype),
+            "world_size": dist_info.world_size,
+        }
         data_files = [paths.data_dir / name for name in ("train.pt", "val.pt", "vocab.json")]
         self.key = resume_key(settings, data_files)
         self.progress = TrainProgress(self.tc.max_iters, 0, enabled=show_progress and dist_info.is_main)
         self._restore()
         if not distributed.same_on_all_ranks(self.step, dist_info):  # e.g. a host that cannot see rank 0's files
-            raise UserError(f"the ranks found different resume states in {paths.resume_dir}: every host must see "
-                            "the one rank 0 writes (a shared filesystem), or delete it to start over")
-        self.progress.message(f"{self.model.num_params() / 1e6:.2f}M parameters on {device} ({str(dtype)[6:]}), "
-                              f"{self.tokens_per_step:,} tokens per step, ready {self.elapsed():.1f} s after launch")
+            raise UserError(
+                f"the ranks found different resume states in {paths.resume_dir}: every host must see "
+                "the one rank 0 writes (a shared filesystem), or delete it to start over"
+            )
+        self.progress.message(
+            f"{self.model.num_params() / 1e6:.2f}M parameters on {device} ({str(dtype)[6:]}), "
+            f"{self.tokens_per_step:,} tokens per step, ready {self.elapsed():.1f} s after launch"
+        )
 
         self.ddp = None
         if dist_info.world_size > 1:
@@ -170,10 +192,16 @@ class _Trainer:
         if not self.dist.is_main:
             return
         state = {
-            "key": self.key, "step": self.step, "best_val": self.best_val, "best_step": self.best_step,
-            "model": self.model.state_dict(), "optimizers": [opt.state_dict() for opt in self.optimizers],
-            "scaler": self.scaler.state_dict(), "batch_rng": self.batch_rng.get_state(),
-            "cpu_rng": torch.get_rng_state(), "metrics": self.metrics.to_state(),
+            "key": self.key,
+            "step": self.step,
+            "best_val": self.best_val,
+            "best_step": self.best_step,
+            "model": self.model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "scaler": self.scaler.state_dict(),
+            "batch_rng": self.batch_rng.get_state(),
+            "cpu_rng": torch.get_rng_state(),
+            "metrics": self.metrics.to_state(),
             "elapsed": self.elapsed(),
         }
         if self.device.type == "cuda":
@@ -240,8 +268,9 @@ class _Trainer:
         b, accum, world = self.tc.batch_size, self.tc.grad_accum_steps, self.dist.world_size
         # every rank draws the whole step's windows from the same generator and takes its own slice, so
         # N ranks x k micro-steps x batch b see exactly the windows of one process with batch N*k*b
-        starts = data.sample_starts(len(self.train_tokens), b * accum * world, self.cfg.model.block_size,
-                                    self.batch_rng)
+        starts = data.sample_starts(
+            len(self.train_tokens), b * accum * world, self.cfg.model.block_size, self.batch_rng
+        )
         for micro in range(accum):
             first = (micro * world + self.dist.rank) * b
             x, y = data.windows(self.train_tokens, starts[first : first + b], self.cfg.model.block_size)
@@ -260,17 +289,23 @@ class _Trainer:
             bad |= ~torch.isfinite(self.norms[start:end])
         if bad.any():
             step = start + int(bad.nonzero()[0]) + 1
-            where = (f"the last good checkpoint {self.paths.checkpoint} (step {self.best_step}) is untouched"
-                     if self.best_step else "no checkpoint was written")
-            raise UserError(f"loss or gradient became non-finite at step {step}; training stopped, {where}: "
-                            "lower train.learning_rate or use train.dtype=bf16/fp32")
+            where = (
+                f"the last good checkpoint {self.paths.checkpoint} (step {self.best_step}) is untouched"
+                if self.best_step
+                else "no checkpoint was written"
+            )
+            raise UserError(
+                f"loss or gradient became non-finite at step {step}; training stopped, {where}: "
+                "lower train.learning_rate or use train.dtype=bf16/fp32"
+            )
 
     def _log_train(self, start: int, end: int) -> None:
         # each rank holds the loss of its own share of the batch: log the mean, the whole batch's loss
         values = distributed.all_reduce_sum(self.losses[start:end].clone(), self.dist) / self.dist.world_size
         self.metrics.train_rows.extend(
             (step + 1, value, lr_factor(step, self.tc) * self.tc.learning_rate)
-            for step, value in zip(range(start, end), values.tolist()))
+            for step, value in zip(range(start, end), values.tolist())
+        )
 
     def _evaluate(self) -> None:
         runtime.synchronize(self.device)
@@ -278,23 +313,33 @@ class _Trainer:
         steps = self.step - max(self.start_step, self.metrics.val_rows[-1][0] if self.metrics.val_rows else 0)
         self.intervals.append((steps * self.tokens_per_step, interval))
 
-        total, count = data.evaluate(self.model, self.evalset, self.tc.batch_size, self.autocast,
-                                     self.tc.eval_iters, self.dist.rank, self.dist.world_size)
+        total, count = data.evaluate(
+            self.model,
+            self.evalset,
+            self.tc.batch_size,
+            self.autocast,
+            self.tc.eval_iters,
+            self.dist.rank,
+            self.dist.world_size,
+        )
         total, count = distributed.all_reduce_sum(total, self.dist), distributed.all_reduce_sum(count, self.dist)
         val_loss = float(total / count)
         val_bpc = data.bits_per_char(val_loss, self.tokens_per_char)
         self.metrics.val_rows.append((self.step, val_loss, val_bpc, self.elapsed()))
         if not math.isfinite(val_loss):
-            raise UserError(f"validation loss is non-finite at step {self.step}; training stopped, "
-                            f"{self.paths.checkpoint} is untouched: lower train.learning_rate")
+            raise UserError(
+                f"validation loss is non-finite at step {self.step}; training stopped, "
+                f"{self.paths.checkpoint} is untouched: lower train.learning_rate"
+            )
         if val_loss < self.best_val:
             self.best_val, self.best_step = val_loss, self.step
             if self.dist.is_main:
                 save_checkpoint(self.paths.checkpoint, self.model, self.tokenizer, self.step, val_loss)
         train_loss = self.metrics.train_rows[-1][1]
         tokens_per_sec = steps * self.tokens_per_step / interval
-        self.progress.report(self.step, f"loss {train_loss:.4f}  val {val_loss:.4f}  "
-                                        f"bpc {val_bpc:.3f}  {tokens_per_sec:,.0f} tok/s")
+        self.progress.report(
+            self.step, f"loss {train_loss:.4f}  val {val_loss:.4f}  bpc {val_bpc:.3f}  {tokens_per_sec:,.0f} tok/s"
+        )
         if self.writer is not None:
             for name, value in (("loss/train", train_loss), ("loss/val", val_loss), ("val_bpc", val_bpc)):
                 self.writer.add_scalar(name, value, self.step)
@@ -317,16 +362,23 @@ class _Trainer:
             "tokens_per_sec": round(tokens_per_sec),
             "wall_time_s": round(self.elapsed(), 2),
             "num_params": self.model.num_params(),
-            "peak_memory_mib": round(torch.cuda.max_memory_allocated(self.device) / 2**20) if self.device.type == "cuda" else None,
+            "peak_memory_mib": round(torch.cuda.max_memory_allocated(self.device) / 2**20)
+            if self.device.type == "cuda"
+            else None,
         }
 
 
-def _check_tokens(train_tokens: torch.Tensor, val_tokens: torch.Tensor, vocab_size: int, block_size: int,
-                  data_dir: Path) -> None:
+def _check_tokens(
+    train_tokens: torch.Tensor, val_tokens: torch.Tensor, vocab_size: int, block_size: int, data_dir: Path
+) -> None:
     for name, tokens in (("train", train_tokens), ("val", val_tokens)):
         if len(tokens) and int(tokens.max()) >= vocab_size:
-            raise UserError(f"{data_dir}/{name}.pt has token ids beyond the {vocab_size}-token vocabulary in "
-                            f"{data_dir}/vocab.json: rerun `dvc repro encode`")
+            raise UserError(
+                f"{data_dir}/{name}.pt has token ids beyond the {vocab_size}-token vocabulary in "
+                f"{data_dir}/vocab.json: rerun `dvc repro encode`"
+            )
     if len(train_tokens) <= block_size:
-        raise UserError(f"model.block_size ({block_size}) needs more than {block_size} training tokens, the train "
-                        f"split has {len(train_tokens)}: lower model.block_size or use a longer text")
+        raise UserError(
+            f"model.block_size ({block_size}) needs more than {block_size} training tokens, the train "
+            f"split has {len(train_tokens)}: lower model.block_size or use a longer text"
+        )

@@ -1,7 +1,8 @@
 """Stage 4 and interactive tool: generate text from out/ckpt.pt; flags override params.yaml's sample section.
 
     python stages/sample.py --prompt "ROMEO:" --num_tokens 500 --temperature 0.8 --top_k 40
-"""
+"""  # fmt: skip
+# (fmt: skip keeps the docstring as written: ruff format would dedent the example, which --help shows)
 
 import sys
 from pathlib import Path
@@ -10,8 +11,16 @@ from nanogpt import stage
 from nanogpt.errors import exit_on_user_error
 from nanogpt.sampling import SampleRun, run_sampling
 
-FLAGS = {"prompt": str, "num_tokens": int, "num_samples": int, "temperature": float, "top_k": int,
-         "top_p": float, "seed": int, "quantize": str}
+FLAGS = {
+    "prompt": str,
+    "num_tokens": int,
+    "num_samples": int,
+    "temperature": float,
+    "top_k": int,
+    "top_p": float,
+    "seed": int,
+    "quantize": str,
+}
 
 
 @exit_on_user_error

@@ -35,8 +35,15 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # What a pipeline run needs, relative to the project root. Generated files (dvc.lock, data/*.pt, out/*,
 # metrics/*.json|tsv), caches and resume state are deliberately left out so every copy starts clean.
 PROJECT_FILES = (
-    "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore",
-    "data/.gitignore", "out/.gitignore", "metrics/README.md",
+    "dvc.yaml",
+    "params.yaml",
+    ".dvcignore",
+    ".gitignore",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    "data/.gitignore",
+    "out/.gitignore",
+    "metrics/README.md",
 )
 PROJECT_PACKAGES = ("stages", "nanogpt")
 
@@ -72,8 +79,18 @@ _WORDS = (
     "come more they how or let here was hath then there than when man one which make say night sweet death "
     "heart blood crown grace honour fair speak hear eyes heaven brother father queen gentle noble sword"
 ).split()
-_SPEAKERS = ("ROMEO", "JULIET", "KING RICHARD", "QUEEN ELIZABETH", "FIRST CITIZEN", "MENENIUS", "NURSE",
-             "GLOUCESTER", "LADY ANNE", "PETRUCHIO")
+_SPEAKERS = (
+    "ROMEO",
+    "JULIET",
+    "KING RICHARD",
+    "QUEEN ELIZABETH",
+    "FIRST CITIZEN",
+    "MENENIUS",
+    "NURSE",
+    "GLOUCESTER",
+    "LADY ANNE",
+    "PETRUCHIO",
+)
 
 
 class Corpus(NamedTuple):
@@ -209,11 +226,9 @@ class CommandFailed(subprocess.CalledProcessError):
         return f"{super().__str__()}\n--- stdout ---\n{self.stdout}\n--- stderr ---\n{self.stderr}"
 
 
-def run(project: Path, *cmd: str, check: bool = True, timeout: float | None = None
-        ) -> subprocess.CompletedProcess[str]:
+def run(project: Path, *cmd: str, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
     """Run `cmd` in `project` with tool_env, capturing text output; raise CommandFailed if check and it fails."""
-    result = subprocess.run(cmd, cwd=project, env=tool_env(project), capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(cmd, cwd=project, env=tool_env(project), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise CommandFailed(result.returncode, cmd, result.stdout, result.stderr)
     return result
@@ -280,8 +295,13 @@ def set_params(path: Path, overrides: dict[str, Any], new_keys: bool = False) ->
     path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
 
 
-def make_project(dest: Path, url: str | None = None, sha256: str | None = None,
-                 overrides: dict[str, Any] | None = None, corpus: bytes | None = None) -> Path:
+def make_project(
+    dest: Path,
+    url: str | None = None,
+    sha256: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    corpus: bytes | None = None,
+) -> Path:
     """Copy the project's pipeline into `dest`, apply TINY_PARAMS, the corpus `url`/`sha256` (if given) and
     `overrides`, and commit it all as the first commit of a new git repository on branch main. With `corpus`,
     data/input.txt is already in place (as if downloaded; git-ignored), for tests that run stages directly.
@@ -306,15 +326,20 @@ def make_project(dest: Path, url: str | None = None, sha256: str | None = None,
 def copy_project(src: Path, dest: Path) -> Path:
     """A private copy of the project at `src` (git history, DVC cache and outputs included). Returns `dest`."""
     # .dvc/tmp holds locks and DVC's site cache, both keyed to the source's path
-    shutil.copytree(src, dest, symlinks=True,
-                    ignore=lambda folder, names: ["tmp"] if Path(folder).name == ".dvc" else [])
+    shutil.copytree(
+        src, dest, symlinks=True, ignore=lambda folder, names: ["tmp"] if Path(folder).name == ".dvc" else []
+    )
     return dest
 
 
 def snapshot(project: Path, folders: tuple[str, ...] = ("data", "out", "metrics")) -> dict[str, bytes]:
     """Every file under `folders` of `project` (temporary files too), by path."""
-    return {str(p.relative_to(project)): p.read_bytes()
-            for folder in folders for p in sorted((project / folder).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(project)): p.read_bytes()
+        for folder in folders
+        for p in sorted((project / folder).rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture

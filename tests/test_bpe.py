@@ -24,8 +24,19 @@ import torch
 import yaml
 from tokenizers import Tokenizer as HfTokenizer
 
-from conftest import (PROJECT_ROOT, STAGES, TINY_PARAMS, copy_project, dvc, make_corpus, output, ran_stages,
-                      restored_stages, set_params, skipped_stages)
+from conftest import (
+    PROJECT_ROOT,
+    STAGES,
+    TINY_PARAMS,
+    copy_project,
+    dvc,
+    make_corpus,
+    output,
+    ran_stages,
+    restored_stages,
+    set_params,
+    skipped_stages,
+)
 from nanogpt.checkpoint import load_checkpoint
 from nanogpt.config import load_config
 from nanogpt.sampling import SampleRun, TextStreamer, run_sampling
@@ -52,6 +63,7 @@ def read_json(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------- the stream printer
+
 
 def byte_tokens() -> BpeTokenizer:
     """A BPE vocabulary learnt from ASCII only: any other character encodes as one token per UTF-8 byte."""
@@ -141,6 +153,7 @@ def test_streamer_output_is_always_a_prefix_of_the_decoded_text() -> None:
 
 # ---------------------------------------------------------------- tiny projects, one per tokenizer
 
+
 def corpus_text() -> str:
     """~12 KB of the Shakespeare-like test corpus with non-ASCII words (2-, 3- and 4-byte UTF-8) throughout, so
     that characters, bytes and tokens all differ; none of UNSEEN_CHARS occurs."""
@@ -164,17 +177,35 @@ def tiny_run(root: Path, kind: str) -> TinyRun:
     (root / "data").mkdir(parents=True)
     (root / "data/input.txt").write_text(text, encoding="utf-8")
     shutil.copy2(PROJECT_ROOT / "params.yaml", root / "params.yaml")
-    set_params(root / "params.yaml", {**TINY_PARAMS, "encode.val_fraction": VAL_FRACTION,
-                                      "encode.tokenizer": kind, "encode.vocab_size": 300,
-                                      "train.max_iters": 4, "train.warmup_iters": 1, "train.eval_interval": 2,
-                                      "train.eval_iters": None, "train.resume_interval": 0})
-    encoded = subprocess.run([sys.executable, "-m", "stages.encode"], cwd=root, env=STAGE_ENV,
-                             capture_output=True, text=True)
+    set_params(
+        root / "params.yaml",
+        {
+            **TINY_PARAMS,
+            "encode.val_fraction": VAL_FRACTION,
+            "encode.tokenizer": kind,
+            "encode.vocab_size": 300,
+            "train.max_iters": 4,
+            "train.warmup_iters": 1,
+            "train.eval_interval": 2,
+            "train.eval_iters": None,
+            "train.resume_interval": 0,
+        },
+    )
+    encoded = subprocess.run(
+        [sys.executable, "-m", "stages.encode"], cwd=root, env=STAGE_ENV, capture_output=True, text=True
+    )
     assert encoded.returncode == 0, encoded.stderr
-    train(load_config(root / "params.yaml"),
-          TrainPaths(data_dir=root / "data", checkpoint=root / "out/ckpt.pt", resume_dir=root / "out/resume",
-                     metrics_dir=root / "metrics", tensorboard_dir=root / "out/tensorboard"),
-          show_progress=False)
+    train(
+        load_config(root / "params.yaml"),
+        TrainPaths(
+            data_dir=root / "data",
+            checkpoint=root / "out/ckpt.pt",
+            resume_dir=root / "out/resume",
+            metrics_dir=root / "metrics",
+            tensorboard_dir=root / "out/tensorboard",
+        ),
+        show_progress=False,
+    )
     return TinyRun(root, kind, text)
 
 
@@ -279,16 +310,26 @@ def test_encode_stage_learns_bpe_from_the_training_split_only(bpe_run: TinyRun) 
 
 @pytest.mark.slow
 def test_both_tokenizers_validate_on_the_same_characters(bpe_run: TinyRun, char_run: TinyRun) -> None:
-    texts = [load_tokenizer(run.root / "data/vocab.json").decode(
-                 torch.load(run.root / "data/val.pt", weights_only=True).tolist()) for run in (bpe_run, char_run)]
+    texts = [
+        load_tokenizer(run.root / "data/vocab.json").decode(
+            torch.load(run.root / "data/val.pt", weights_only=True).tolist()
+        )
+        for run in (bpe_run, char_run)
+    ]
 
     assert texts[0] == texts[1] == validation_text(bpe_run.text)
 
 
 def sample_tool(run: TinyRun, *args: str) -> subprocess.CompletedProcess[str]:
     """`python -m stages.sample` in the tiny project, with the checkpoint's own tokenizer (no --vocab)."""
-    return subprocess.run([sys.executable, "-m", "stages.sample", "--checkpoint", "out/ckpt.pt", *args],
-                          cwd=run.root, env=STAGE_ENV, capture_output=True, text=True, encoding="utf-8")
+    return subprocess.run(
+        [sys.executable, "-m", "stages.sample", "--checkpoint", "out/ckpt.pt", *args],
+        cwd=run.root,
+        env=STAGE_ENV,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+    )
 
 
 @pytest.mark.slow
@@ -330,6 +371,7 @@ def test_streamed_sample_matches_the_written_one_but_never_cuts_a_character(bpe_
 
 
 # ---------------------------------------------------------------- the DVC pipeline, char -> BPE
+
 
 class Experiments(NamedTuple):
     project: Path
@@ -380,8 +422,11 @@ def test_bpe_pipeline_writes_valid_utf8_samples(experiments: Experiments) -> Non
 @pytest.mark.slow
 def test_char_and_bpe_runs_compare_on_best_val_bpc(experiments: Experiments) -> None:
     project = experiments.project
-    char_bpc = json.loads(subprocess.run(["git", "show", "HEAD:metrics/train.json"], cwd=project, check=True,
-                                         capture_output=True, text=True).stdout)["best_val_bpc"]
+    char_bpc = json.loads(
+        subprocess.run(
+            ["git", "show", "HEAD:metrics/train.json"], cwd=project, check=True, capture_output=True, text=True
+        ).stdout
+    )["best_val_bpc"]
     bpe_summary = read_json(project / "metrics/train.json")
     bpe_bpc = bpe_summary["best_val_bpc"]
     assert 0 < char_bpc < 8 and 0 < bpe_bpc < 8

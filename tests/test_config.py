@@ -11,8 +11,9 @@ from nanogpt.errors import UserError
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
-def write_params(tmp_path: Path, edit: dict[str, dict[str, object]] | None = None,
-                 drop: dict[str, list[str]] | None = None) -> Path:
+def write_params(
+    tmp_path: Path, edit: dict[str, dict[str, object]] | None = None, drop: dict[str, list[str]] | None = None
+) -> Path:
     """A copy of the repository's params.yaml with some values replaced (`edit`) or removed (`drop`)."""
     raw = yaml.safe_load(REPO_PARAMS.read_text(encoding="utf-8"))
     for section, values in (edit or {}).items():
@@ -81,12 +82,16 @@ def test_override_of_unknown_name_in_a_known_section_is_rejected():
 
 
 def test_every_problem_is_reported_in_one_message(tmp_path):
-    path = write_params(tmp_path, edit={
-        "model": {"n_embd": 384, "n_head": 5},
-        "encode": {"val_fraction": 1.5},
-        "train": {"batch_size": 0, "device": "tpu"},
-        "sample": {"num_samples": "x", "colour": "red"},
-    }, drop={"data": ["timeout"]})
+    path = write_params(
+        tmp_path,
+        edit={
+            "model": {"n_embd": 384, "n_head": 5},
+            "encode": {"val_fraction": 1.5},
+            "train": {"batch_size": 0, "device": "tpu"},
+            "sample": {"num_samples": "x", "colour": "red"},
+        },
+        drop={"data": ["timeout"]},
+    )
 
     message = problems_of(path)
 
@@ -100,43 +105,55 @@ def test_every_problem_is_reported_in_one_message(tmp_path):
 
 
 def test_a_type_error_hides_no_range_error_in_the_same_section():
-    message = problems_of(REPO_PARAMS, {"train.batch_size": "x", "train.device": "tpu", "train.beta1": 1.5,
-                                        "model.n_layer": "two", "model.n_head": 5})
+    message = problems_of(
+        REPO_PARAMS,
+        {"train.batch_size": "x", "train.device": "tpu", "train.beta1": 1.5, "model.n_layer": "two", "model.n_head": 5},
+    )
 
     assert message.count(";") == 4
-    for expected in ("train.batch_size must be an integer, got 'x'", "train.device must be auto",
-                     "train.beta1 must be in [0, 1), got 1.5", "model.n_layer must be an integer, got 'two'",
-                     "model.n_embd (384) must be divisible by model.n_head (5)"):
+    for expected in (
+        "train.batch_size must be an integer, got 'x'",
+        "train.device must be auto",
+        "train.beta1 must be in [0, 1), got 1.5",
+        "model.n_layer must be an integer, got 'two'",
+        "model.n_embd (384) must be divisible by model.n_head (5)",
+    ):
         assert expected in message
 
 
-@pytest.mark.parametrize("name, value, expected", [
-    ("train.batch_size", "x", "train.batch_size must be an integer, got 'x'"),
-    ("train.batch_size", 2.5, "train.batch_size must be an integer, got 2.5"),
-    ("train.batch_size", True, "train.batch_size must be an integer, got True"),
-    ("train.learning_rate", "fast", "train.learning_rate must be a number, got 'fast'"),
-    ("model.gradient_checkpointing", "yes", "model.gradient_checkpointing must be true or false"),
-    ("encode.tokenizer", "word", "encode.tokenizer must be one of 'char', 'bpe'"),
-    ("train.optimizer", "sgd", "train.optimizer must be one of 'adamw', 'muon'"),
-    ("sample.top_k", "many", "sample.top_k must be an integer or null"),
-])
+@pytest.mark.parametrize(
+    "name, value, expected",
+    [
+        ("train.batch_size", "x", "train.batch_size must be an integer, got 'x'"),
+        ("train.batch_size", 2.5, "train.batch_size must be an integer, got 2.5"),
+        ("train.batch_size", True, "train.batch_size must be an integer, got True"),
+        ("train.learning_rate", "fast", "train.learning_rate must be a number, got 'fast'"),
+        ("model.gradient_checkpointing", "yes", "model.gradient_checkpointing must be true or false"),
+        ("encode.tokenizer", "word", "encode.tokenizer must be one of 'char', 'bpe'"),
+        ("train.optimizer", "sgd", "train.optimizer must be one of 'adamw', 'muon'"),
+        ("sample.top_k", "many", "sample.top_k must be an integer or null"),
+    ],
+)
 def test_wrong_types_name_the_key_and_the_value(name, value, expected):
     message = problems_of(REPO_PARAMS, {name: value})
 
     assert expected in message
 
 
-@pytest.mark.parametrize("name, value, expected", [
-    ("train.max_iters", 0, "train.max_iters must be >= 1, got 0"),
-    ("train.warmup_iters", -1, "train.warmup_iters must be >= 0, got -1"),
-    ("train.min_lr", 2.0, "train.min_lr must be in [0, 1]"),
-    ("sample.top_p", 0.0, "sample.top_p must be null or in (0, 1], got 0.0"),
-    ("sample.temperature", -1.0, "sample.temperature must be >= 0"),
-    ("model.dropout", 1.0, "model.dropout must be in [0, 1), got 1.0"),
-    ("encode.vocab_size", 100, "encode.vocab_size must be in [257, 65536]"),
-    ("data.sha256", "abc", "data.sha256 must be 64 hex digits, got 'abc'"),
-    ("data.url", "ftp://example.com/x", "data.url must start with http://, https:// or file://"),
-])
+@pytest.mark.parametrize(
+    "name, value, expected",
+    [
+        ("train.max_iters", 0, "train.max_iters must be >= 1, got 0"),
+        ("train.warmup_iters", -1, "train.warmup_iters must be >= 0, got -1"),
+        ("train.min_lr", 2.0, "train.min_lr must be in [0, 1]"),
+        ("sample.top_p", 0.0, "sample.top_p must be null or in (0, 1], got 0.0"),
+        ("sample.temperature", -1.0, "sample.temperature must be >= 0"),
+        ("model.dropout", 1.0, "model.dropout must be in [0, 1), got 1.0"),
+        ("encode.vocab_size", 100, "encode.vocab_size must be in [257, 65536]"),
+        ("data.sha256", "abc", "data.sha256 must be 64 hex digits, got 'abc'"),
+        ("data.url", "ftp://example.com/x", "data.url must start with http://, https:// or file://"),
+    ],
+)
 def test_out_of_range_values_name_the_key_and_the_value(name, value, expected):
     message = problems_of(REPO_PARAMS, {name: value})
 

@@ -158,8 +158,9 @@ def test_read_corpus_returns_the_text(tmp_path):
     assert read_corpus(path) == "héllo\nwörld\n"
 
 
-@pytest.mark.parametrize("content, problem", [(b"", "empty"), (b"caf\xe9 latin-1\n", "UTF-8")],
-                         ids=["empty", "not utf-8"])
+@pytest.mark.parametrize(
+    "content, problem", [(b"", "empty"), (b"caf\xe9 latin-1\n", "UTF-8")], ids=["empty", "not utf-8"]
+)
 def test_read_corpus_rejects_a_bad_file(tmp_path, content, problem):
     path = tmp_path / "input.txt"
     path.write_bytes(content)

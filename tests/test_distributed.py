@@ -45,6 +45,7 @@ TIMEOUT = 180  # seconds: a hung collective fails the test instead of the CI job
 
 # ---------------------------------------------------------------- helpers
 
+
 @pytest.fixture(scope="module")
 def encoded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's code and params (tiny CPU model, 80 steps) with the encode stage's data/ in place."""
@@ -56,9 +57,13 @@ def encoded(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def train_in_process(project: Path, overrides: dict[str, Any]) -> Path:
     """One process, the project's params with `overrides`; outputs under `project` as the stage writes them."""
     cfg = load_config(project / "params.yaml", overrides)
-    paths = TrainPaths(data_dir=project / "data", checkpoint=project / "out" / "ckpt.pt",
-                       resume_dir=project / "out" / "resume", metrics_dir=project / "metrics",
-                       tensorboard_dir=project / "out" / "tensorboard")
+    paths = TrainPaths(
+        data_dir=project / "data",
+        checkpoint=project / "out" / "ckpt.pt",
+        resume_dir=project / "out" / "resume",
+        metrics_dir=project / "metrics",
+        tensorboard_dir=project / "out" / "tensorboard",
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the torchrun workers run (OMP_NUM_THREADS=1): a tiny model only loses by more
     try:
@@ -77,8 +82,9 @@ def one_process_double_batch(encoded: Path, tmp_path_factory: pytest.TempPathFac
         key = repr(sorted(overrides.items()))
         if key not in done:
             project = copy_project(encoded, tmp_path_factory.mktemp("reference") / "project")
-            done[key] = train_in_process(project, {"train.batch_size": 2 * BATCH,
-                                                   **{f"train.{k}": v for k, v in overrides.items()}})
+            done[key] = train_in_process(
+                project, {"train.batch_size": 2 * BATCH, **{f"train.{k}": v for k, v in overrides.items()}}
+            )
         return done[key]
 
     return reference
@@ -120,8 +126,18 @@ def free_port() -> int:
 @contextlib.contextmanager
 def launched(*runs: tuple[Path, list[str]]) -> Iterator[list[subprocess.Popen]]:
     """Start each (cwd, torchrun args) in its own session, output merged; on the way out, end what still runs."""
-    procs = [subprocess.Popen([*TORCHRUN, *args], cwd=cwd, env=ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for cwd, args in runs]
+    procs = [
+        subprocess.Popen(
+            [*TORCHRUN, *args],
+            cwd=cwd,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for cwd, args in runs
+    ]
     try:
         yield procs
     finally:
@@ -162,8 +178,14 @@ def single_host(nproc: int) -> list[str]:
 def host(node_rank: int, port: int) -> list[str]:
     """torchrun's arguments for one of two hosts with one process each (static rendezvous: the host with
     --node_rank=0 holds global rank 0)."""
-    return ["--nnodes=2", f"--node_rank={node_rank}", "--nproc_per_node=1", f"--rdzv-endpoint=127.0.0.1:{port}",
-            "-m", "stages.train"]
+    return [
+        "--nnodes=2",
+        f"--node_rank={node_rank}",
+        "--nproc_per_node=1",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "-m",
+        "stages.train",
+    ]
 
 
 def worker_crashed(output: str) -> bool:
@@ -173,21 +195,37 @@ def worker_crashed(output: str) -> bool:
 
 # ---------------------------------------------------------------- one host
 
+
 # train.eval_iters counts batches of train.batch_size on each rank, so N ranks with batch b evaluate what one
 # process with batch N*b does; with micro-steps the batches differ, and only the whole split (null) compares.
 # Gradient checkpointing recomputes the same numbers, so the reference runs without it.
 @pytest.mark.slow
-@pytest.mark.parametrize(("batch_size", "accum", "eval_iters", "optimizer", "checkpointing"),
-                         [(BATCH, 1, 2, "adamw", False), (BATCH // 2, 2, None, "muon", True)],
-                         ids=["2 ranks x batch b, adamw",
-                              "2 ranks x 2 micro-steps x batch b/2, muon, gradient checkpointing"])
+@pytest.mark.parametrize(
+    ("batch_size", "accum", "eval_iters", "optimizer", "checkpointing"),
+    [(BATCH, 1, 2, "adamw", False), (BATCH // 2, 2, None, "muon", True)],
+    ids=["2 ranks x batch b, adamw", "2 ranks x 2 micro-steps x batch b/2, muon, gradient checkpointing"],
+)
 def test_two_ranks_follow_the_trajectory_of_one_process_with_the_whole_batch(
-        encoded: Path, one_process_double_batch: Callable[..., Path], tmp_path: Path, batch_size: int, accum: int,
-        eval_iters: int | None, optimizer: str, checkpointing: bool) -> None:
+    encoded: Path,
+    one_process_double_batch: Callable[..., Path],
+    tmp_path: Path,
+    batch_size: int,
+    accum: int,
+    eval_iters: int | None,
+    optimizer: str,
+    checkpointing: bool,
+) -> None:
     project = copy_project(encoded, tmp_path / "project")
-    set_params(project / "params.yaml", {"train.batch_size": batch_size, "train.grad_accum_steps": accum,
-                                         "train.eval_iters": eval_iters, "train.optimizer": optimizer,
-                                         "model.gradient_checkpointing": checkpointing})
+    set_params(
+        project / "params.yaml",
+        {
+            "train.batch_size": batch_size,
+            "train.grad_accum_steps": accum,
+            "train.eval_iters": eval_iters,
+            "train.optimizer": optimizer,
+            "model.gradient_checkpointing": checkpointing,
+        },
+    )
     before = files(project)
 
     with launched((project, single_host(2))) as procs:
@@ -204,9 +242,12 @@ def test_two_ranks_follow_the_trajectory_of_one_process_with_the_whole_batch(
 
 
 def test_gradient_accumulation_follows_the_trajectory_of_one_batch_of_the_whole_size(
-        encoded: Path, one_process_double_batch: Callable[..., Path], tmp_path: Path) -> None:
-    project = train_in_process(copy_project(encoded, tmp_path / "project"),
-                               {"train.batch_size": BATCH, "train.grad_accum_steps": 2, "train.eval_iters": None})
+    encoded: Path, one_process_double_batch: Callable[..., Path], tmp_path: Path
+) -> None:
+    project = train_in_process(
+        copy_project(encoded, tmp_path / "project"),
+        {"train.batch_size": BATCH, "train.grad_accum_steps": 2, "train.eval_iters": None},
+    )
 
     assert_same_trajectory(project, one_process_double_batch(eval_iters=None))
     assert summary(project)["tokens_per_step"] == 2 * BATCH * BLOCK
@@ -214,7 +255,8 @@ def test_gradient_accumulation_follows_the_trajectory_of_one_batch_of_the_whole_
 
 @pytest.mark.slow
 def test_interrupted_torchrun_resumes_where_it_stopped_and_finishes(
-        encoded: Path, one_process_double_batch: Callable[..., Path], tmp_path: Path) -> None:
+    encoded: Path, one_process_double_batch: Callable[..., Path], tmp_path: Path
+) -> None:
     project = copy_project(encoded, tmp_path / "project")
     before = files(project)
 
@@ -239,9 +281,11 @@ def test_interrupted_torchrun_resumes_where_it_stopped_and_finishes(
 
 # ---------------------------------------------------------------- several hosts (two folders on localhost)
 
+
 @pytest.mark.slow
 def test_two_hosts_resume_from_the_state_rank_0_wrote_once_every_host_sees_it(
-        encoded: Path, one_process_double_batch: Callable[..., Path], tmp_path: Path) -> None:
+    encoded: Path, one_process_double_batch: Callable[..., Path], tmp_path: Path
+) -> None:
     # each "host" has its own copy of the project: no shared filesystem
     head, other = copy_project(encoded, tmp_path / "host0"), copy_project(encoded, tmp_path / "host1")
     head_before, other_before = files(head), files(other)

@@ -89,8 +89,9 @@ def test_truncated_file_is_a_user_error_naming_the_path(tmp_path):
 
 def test_random_bytes_are_a_user_error_naming_the_path(tmp_path):
     path = tmp_path / "state.pt"
-    path.write_bytes(torch.randint(256, (4096,), generator=torch.Generator().manual_seed(0),
-                                   dtype=torch.uint8).numpy().tobytes())
+    path.write_bytes(
+        torch.randint(256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes()
+    )
 
     assert "corrupt" in assert_user_error_names(path, "checkpoint")
 

@@ -113,7 +113,7 @@ def test_temperature_zero_puts_all_the_mass_on_the_argmax():
 def test_temperature_zero_generates_the_most_likely_token_every_step(model):
     seq = [2, 7, 1]
     for _ in range(30):
-        context = seq[-context_length(len(seq), model.cfg.block_size):]
+        context = seq[-context_length(len(seq), model.cfg.block_size) :]
         logits, _ = model(torch.tensor([context]))
         seq.append(int(logits[0, -1].argmax()))
 
@@ -235,8 +235,10 @@ def test_a_later_generation_reads_the_weights_as_they_are_then(model, device):
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(0.5)  # in place: kept graphs see the new values
-    assert torch.equal(generate(model, [1, 2], 30, 1, PLAIN, seed=0),
-                       generate_reference(model, [1, 2], 30, 1, PLAIN, seed=0))
+    assert torch.equal(
+        generate(model, [1, 2], 30, 1, PLAIN, seed=0), generate_reference(model, [1, 2], 30, 1, PLAIN, seed=0)
+    )
     model = model.to(torch.float64)  # new tensors at new addresses: a new decoder
-    assert torch.equal(generate(model, [1, 2], 30, 1, PLAIN, seed=0),
-                       generate_reference(model, [1, 2], 30, 1, PLAIN, seed=0))
+    assert torch.equal(
+        generate(model, [1, 2], 30, 1, PLAIN, seed=0), generate_reference(model, [1, 2], 30, 1, PLAIN, seed=0)
+    )

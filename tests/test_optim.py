@@ -116,8 +116,12 @@ def test_muon_steps_match_torch_optim_muon():
     cfg = dataclasses.replace(TRAIN, optimizer="muon")
     muon = build_optimizers(model, cfg, torch.device("cpu"))[1]
     hidden = [n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2]
-    torch_muon = torch.optim.Muon([reference.get_parameter(n) for n in hidden], lr=cfg.muon_learning_rate,
-                                  weight_decay=cfg.weight_decay, momentum=0.95)
+    torch_muon = torch.optim.Muon(
+        [reference.get_parameter(n) for n in hidden],
+        lr=cfg.muon_learning_rate,
+        weight_decay=cfg.weight_decay,
+        momentum=0.95,
+    )
     start = {n: model.get_parameter(n).detach().clone() for n in hidden}
     data = torch.Generator().manual_seed(0)
 

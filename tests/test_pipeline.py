@@ -16,11 +16,31 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import (PROJECT_ROOT, STAGES, LoopbackServer, commit, dvc, git, output, ran_stages,
-                      restored_stages, skipped_stages)
+from conftest import (
+    PROJECT_ROOT,
+    STAGES,
+    LoopbackServer,
+    commit,
+    dvc,
+    git,
+    output,
+    ran_stages,
+    restored_stages,
+    skipped_stages,
+)
 
-OUTPUTS = ("data/input.txt", "data/train.pt", "data/val.pt", "data/vocab.json", "out/ckpt.pt", "out/samples.txt",
-           "metrics/train.json", "metrics/sample.json", "metrics/train_loss.tsv", "metrics/val_loss.tsv")
+OUTPUTS = (
+    "data/input.txt",
+    "data/train.pt",
+    "data/val.pt",
+    "data/vocab.json",
+    "out/ckpt.pt",
+    "out/samples.txt",
+    "metrics/train.json",
+    "metrics/sample.json",
+    "metrics/train_loss.tsv",
+    "metrics/val_loss.tsv",
+)
 TRAIN_SUMMARY_KEYS = {"best_val_loss", "best_val_bpc", "steps", "tokens_per_sec", "wall_time_s", "num_params"}
 
 
@@ -66,7 +86,9 @@ def test_repro_runs_every_stage_then_skips_them_all(project: Path, loopback_serv
     assert [int(r["step"]) for r in val_rows] == [10, 20, 30]
     assert float(val_rows[-1]["val_loss"]) < float(val_rows[0]["val_loss"])
     assert len(read_tsv(project / "metrics/train_loss.tsv")) == 30
-    assert {"tokens_per_sec", "num_tokens"} <= json.loads((project / "metrics/sample.json").read_text(encoding="utf-8")).keys()
+    assert {"tokens_per_sec", "num_tokens"} <= json.loads(
+        (project / "metrics/sample.json").read_text(encoding="utf-8")
+    ).keys()
     assert (project / "out/samples.txt").read_text(encoding="utf-8").strip()
 
     second = dvc(project, "repro")
@@ -167,11 +189,18 @@ def test_experiments_compare_in_show_metrics_diff_and_plots(reproduced_project: 
 
 def _stage_modules(stage: str) -> list[str]:
     """Project files (relative paths) that `import stages.<stage>` loads, as the stage's own process sees it."""
-    code = ("import importlib, json, sys; importlib.import_module(sys.argv[1]); "
-            "print(json.dumps([m.__file__ for n, m in sys.modules.items() "
-            "if n.split('.')[0] in ('nanogpt', 'stages') and getattr(m, '__file__', None)]))")
-    result = subprocess.run([sys.executable, "-B", "-c", code, f"stages.{stage}"], cwd=PROJECT_ROOT,
-                            capture_output=True, text=True, check=True)
+    code = (
+        "import importlib, json, sys; importlib.import_module(sys.argv[1]); "
+        "print(json.dumps([m.__file__ for n, m in sys.modules.items() "
+        "if n.split('.')[0] in ('nanogpt', 'stages') and getattr(m, '__file__', None)]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-B", "-c", code, f"stages.{stage}"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return sorted(Path(f).resolve().relative_to(PROJECT_ROOT).as_posix() for f in json.loads(result.stdout))
 
 
@@ -188,6 +217,7 @@ def test_stage_code_deps_are_complete(stage: str) -> None:
 
     assert f"stages/{stage}.py" in loaded
     # package __init__ files are not listed; that is safe only while they hold no code
-    missing = [f for f in loaded if f not in deps and not (f.endswith("__init__.py") and
-                                                           _is_docstring_only(PROJECT_ROOT / f))]
+    missing = [
+        f for f in loaded if f not in deps and not (f.endswith("__init__.py") and _is_docstring_only(PROJECT_ROOT / f))
+    ]
     assert not missing, f"dvc.yaml stage {stage!r} does not list code it imports: {missing}"

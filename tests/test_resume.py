@@ -21,8 +21,19 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import (TINY_PARAMS, commit, copy_project, dvc, make_corpus, make_project, read_params, run_stage,
-                      set_params, snapshot, tool_env)
+from conftest import (
+    TINY_PARAMS,
+    commit,
+    copy_project,
+    dvc,
+    make_corpus,
+    make_project,
+    read_params,
+    run_stage,
+    set_params,
+    snapshot,
+    tool_env,
+)
 
 # Dropout on, so restoring the RNG state matters for exactness; 60 steps: evaluation and resume state every 10.
 OVERRIDES = {"model.dropout": 0.1, "train.max_iters": 60}
@@ -61,8 +72,14 @@ runpy.run_module("stages.train", run_name="__main__", alter_sys=True)
 
 
 def signal_at_step(project: Path, sig: signal.Signals, at_step: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", SIGNAL_AT_STEP, sig.name, str(at_step)], cwd=project,
-                          env=tool_env(project), capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", SIGNAL_AT_STEP, sig.name, str(at_step)],
+        cwd=project,
+        env=tool_env(project),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @dataclass
@@ -75,8 +92,15 @@ class Stopped:
 def stop_after_log_step(project: Path, sig: int, after_step: int, cmd: list[str]) -> Stopped:
     """Run `cmd` and send `sig` to its process group as soon as the log shows step `after_step` or later
     (as Ctrl-C in a terminal or a CI job's cancel would); wait for it to end."""
-    proc = subprocess.Popen(cmd, cwd=project, env=tool_env(project), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=project,
+        env=tool_env(project),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     seen = []
     try:
         assert proc.stdout is not None
@@ -117,9 +141,13 @@ def read_result(project: Path) -> Result:
     val_lines = (project / "metrics" / "val_loss.tsv").read_text().splitlines()
     header = val_lines[0].split("\t")
     keep = [i for i, name in enumerate(header) if name != "elapsed_s"]
-    return Result(ckpt["model"], ckpt["step"], summary,
-                  (project / "metrics" / "train_loss.tsv").read_text().splitlines(),
-                  [[row.split("\t")[i] for i in keep] for row in val_lines])
+    return Result(
+        ckpt["model"],
+        ckpt["step"],
+        summary,
+        (project / "metrics" / "train_loss.tsv").read_text().splitlines(),
+        [[row.split("\t")[i] for i in keep] for row in val_lines],
+    )
 
 
 def assert_same_result(got: Result, want: Result) -> None:
@@ -138,11 +166,13 @@ def assert_same_result(got: Result, want: Result) -> None:
 
 # ---------------------------------------------------------------- fixtures
 
+
 @pytest.fixture(scope="module")
 def encoded_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny project with data/ encoded; copy it, don't change it."""
-    project = make_project(tmp_path_factory.mktemp("encoded") / "project", overrides=OVERRIDES,
-                           corpus=make_corpus(size=30_000))
+    project = make_project(
+        tmp_path_factory.mktemp("encoded") / "project", overrides=OVERRIDES, corpus=make_corpus(size=30_000)
+    )
     run_stage(project, "encode")
     return project
 
@@ -173,6 +203,7 @@ def rng(request: pytest.FixtureRequest) -> random.Random:
 
 # ---------------------------------------------------------------- kill and resume
 
+
 def test_uninterrupted_run_leaves_no_resume_state(trained_project: Path, reference: Result) -> None:
     assert not (trained_project / "out" / "resume").exists()
     assert reference.summary["steps"] == MAX_ITERS
@@ -181,8 +212,9 @@ def test_uninterrupted_run_leaves_no_resume_state(trained_project: Path, referen
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
-def test_kill_and_resume_matches_uninterrupted_run(fresh_project: Path, reference: Result, rng: random.Random,
-                                                   sig: signal.Signals) -> None:
+def test_kill_and_resume_matches_uninterrupted_run(
+    fresh_project: Path, reference: Result, rng: random.Random, sig: signal.Signals
+) -> None:
     # a seeded random step between two evaluations, past the first resume-state save
     at_step = rng.choice([k for k in range(EVAL_INTERVAL + 2, MAX_ITERS) if k % EVAL_INTERVAL])
     stopped = signal_at_step(fresh_project, sig, at_step)
@@ -192,8 +224,9 @@ def test_kill_and_resume_matches_uninterrupted_run(fresh_project: Path, referenc
         saved_at = (at_step - 1) // EVAL_INTERVAL * EVAL_INTERVAL  # the last resume_interval save
     else:
         assert stopped.returncode == 128 + sig, stopped.stderr
-        assert stopped.stderr.splitlines() == [f"interrupted by {sig.name} at step {at_step}; resume state saved: "
-                                               "run the same command again to continue"]
+        assert stopped.stderr.splitlines() == [
+            f"interrupted by {sig.name} at step {at_step}; resume state saved: run the same command again to continue"
+        ]
         saved_at = at_step
     assert (fresh_project / "out" / "resume" / "state.pt").is_file()
 
@@ -205,16 +238,23 @@ def test_kill_and_resume_matches_uninterrupted_run(fresh_project: Path, referenc
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
-def test_dvc_repro_resumes_after_signal(encoded_project: Path, reference: Result, tmp_path: Path,
-                                        sig: signal.Signals) -> None:
+def test_dvc_repro_resumes_after_signal(
+    encoded_project: Path, reference: Result, tmp_path: Path, sig: signal.Signals
+) -> None:
     """A CI job cancelled (SIGTERM) or Ctrl-C (SIGINT) in a terminal: the signal goes to dvc and the stage."""
     project = copy_project(encoded_project, tmp_path / "project")
     corpus = tmp_path / "corpus.txt"
     shutil.move(project / "data" / "input.txt", corpus)
     for name in ("train.pt", "val.pt", "vocab.json"):
         (project / "data" / name).unlink()
-    set_params(project / "params.yaml", {"data.url": corpus.as_uri(), "data.retries": 0,
-                                         "data.sha256": hashlib.sha256(corpus.read_bytes()).hexdigest()})
+    set_params(
+        project / "params.yaml",
+        {
+            "data.url": corpus.as_uri(),
+            "data.retries": 0,
+            "data.sha256": hashlib.sha256(corpus.read_bytes()).hexdigest(),
+        },
+    )
     commit(project, "tiny project")
 
     stopped = stop_after_log_step(project, sig, after_step=20, cmd=[sys.executable, "-m", "dvc", "repro"])
@@ -232,6 +272,7 @@ def test_dvc_repro_resumes_after_signal(encoded_project: Path, reference: Result
 
 # ---------------------------------------------------------------- stale state
 
+
 @pytest.fixture(scope="module")
 def interrupted_project(encoded_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The encoded project stopped by SIGINT at step 25, its resume state saved; copy it."""
@@ -243,8 +284,9 @@ def interrupted_project(encoded_project: Path, tmp_path_factory: pytest.TempPath
 
 def _bump_resume_format(project: Path) -> None:
     path = project / "nanogpt" / "checkpoint.py"
-    text, n = re.subn(r"^RESUME_FORMAT = (\d+)", lambda m: f"RESUME_FORMAT = {int(m[1]) + 1}",
-                      path.read_text(), flags=re.MULTILINE)
+    text, n = re.subn(
+        r"^RESUME_FORMAT = (\d+)", lambda m: f"RESUME_FORMAT = {int(m[1]) + 1}", path.read_text(), flags=re.MULTILINE
+    )
     assert n == 1
     path.write_text(text)
 
@@ -262,8 +304,9 @@ STALE = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("change", STALE)
-def test_unusable_resume_state_is_not_mixed_in(interrupted_project: Path, reference: Result, tmp_path: Path,
-                                               change: str) -> None:
+def test_unusable_resume_state_is_not_mixed_in(
+    interrupted_project: Path, reference: Result, tmp_path: Path, change: str
+) -> None:
     project = copy_project(interrupted_project, tmp_path / "project")
     apply, why = STALE[change]
     apply(project)
@@ -308,6 +351,7 @@ def test_checkpoint_from_other_params_is_not_restored(interrupted_project: Path,
 
 # ---------------------------------------------------------------- atomic saves
 
+
 def _failing_save(fail_after: int):
     """A torch.save that writes the first `fail_after` bytes of the real file, then fails like a full disk."""
     real_save = torch.save
@@ -324,8 +368,9 @@ def _failing_save(fail_after: int):
     return save
 
 
-def test_failed_checkpoint_save_keeps_previous_checkpoint(trained_project: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_checkpoint_save_keeps_previous_checkpoint(
+    trained_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from nanogpt import files
     from nanogpt.checkpoint import load_checkpoint, save_checkpoint
 
@@ -374,8 +419,14 @@ def test_checkpoint_killed_mid_save_keeps_previous_checkpoint(trained_project: P
 
     project = copy_project(trained_project, tmp_path / "project")
     before = (project / "out" / "ckpt.pt").read_bytes()
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_MID_SAVE], cwd=project, env=tool_env(project),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_MID_SAVE],
+        cwd=project,
+        env=tool_env(project),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == "half written\n", proc.stderr.read() if proc.stderr else ""
@@ -428,23 +479,37 @@ finally:
 ATOMIC_OUTPUTS = {
     "download": ["data/input.txt"],
     "encode": ["data/train.pt", "data/val.pt", "data/vocab.json"],
-    "train": ["out/ckpt.pt", "out/resume/state.pt", "metrics/train.json", "metrics/train_loss.tsv",
-              "metrics/val_loss.tsv"],
+    "train": [
+        "out/ckpt.pt",
+        "out/resume/state.pt",
+        "metrics/train.json",
+        "metrics/train_loss.tsv",
+        "metrics/val_loss.tsv",
+    ],
     "sample": ["out/samples.txt", "metrics/sample.json"],
 }
 
 
 @pytest.mark.parametrize("stage", ATOMIC_OUTPUTS)
-def test_outputs_are_written_to_a_temporary_file_and_renamed(interrupted_project: Path, tmp_path: Path,
-                                                             stage: str) -> None:
+def test_outputs_are_written_to_a_temporary_file_and_renamed(
+    interrupted_project: Path, tmp_path: Path, stage: str
+) -> None:
     # the interrupted project: the train stage resumes, so restoring the checkpoint is covered too
     project = copy_project(interrupted_project, tmp_path / "project")
     corpus = Path(shutil.copy(project / "data" / "input.txt", tmp_path / "corpus.txt"))
-    set_params(project / "params.yaml",
-               {"data.url": corpus.as_uri(), "data.sha256": hashlib.sha256(corpus.read_bytes()).hexdigest()})
+    set_params(
+        project / "params.yaml",
+        {"data.url": corpus.as_uri(), "data.sha256": hashlib.sha256(corpus.read_bytes()).hexdigest()},
+    )
     args = ["--output", "out/samples.txt", "--metrics", "metrics/sample.json"] if stage == "sample" else []
-    proc = subprocess.run([sys.executable, "-c", WRITES_RECORDED, stage, *args], cwd=project, env=tool_env(project),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", WRITES_RECORDED, stage, *args],
+        cwd=project,
+        env=tool_env(project),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
 
     record = json.loads((project / "writes.json").read_text())
@@ -521,8 +586,14 @@ runpy.run_module("stages.train", run_name="__main__", alter_sys=True)
 @pytest.mark.parametrize("what", ["loss", "gradient"])
 def test_non_finite_value_names_step_and_keeps_last_good_checkpoint(fresh_project: Path, what: str) -> None:
     bad_step = 2 * EVAL_INTERVAL + 3
-    proc = subprocess.run([sys.executable, "-c", NAN_AT_STEP, str(bad_step), what], cwd=fresh_project,
-                          env=tool_env(fresh_project), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", NAN_AT_STEP, str(bad_step), what],
+        cwd=fresh_project,
+        env=tool_env(fresh_project),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
     assert proc.returncode != 0
     assert len(proc.stderr.splitlines()) == 1, proc.stderr

@@ -16,16 +16,34 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (DELETE, TINY_PARAMS, copy_project, make_corpus, make_project, run_stage, set_params,
-                      snapshot, tool_env)
+from conftest import (
+    DELETE,
+    TINY_PARAMS,
+    copy_project,
+    make_corpus,
+    make_project,
+    run_stage,
+    set_params,
+    snapshot,
+    tool_env,
+)
 
 # Dropout on, as in a real run; 20 steps leave a checkpoint from the last evaluation.
 OVERRIDES = {"model.dropout": 0.1, "train.max_iters": 20}
-SAMPLE = ["--checkpoint", "out/ckpt.pt", "--vocab", "data/vocab.json", "--output", "out/samples.txt",
-          "--metrics", "metrics/sample.json"]
+SAMPLE = [
+    "--checkpoint",
+    "out/ckpt.pt",
+    "--vocab",
+    "data/vocab.json",
+    "--output",
+    "out/samples.txt",
+    "--metrics",
+    "metrics/sample.json",
+]
 
 
 # ---------------------------------------------------------------- helpers
+
 
 def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
     """One `error: ...` line naming each of `fragments`, no traceback, a non-zero exit; return the line."""
@@ -48,11 +66,13 @@ def run_expecting_error(project: Path, stage: str, args: list[str], *fragments: 
 
 # ---------------------------------------------------------------- fixtures
 
+
 @pytest.fixture(scope="module")
 def trained_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Encoded, trained and sampled once: every output a bad input could overwrite exists. Don't change it."""
-    project = make_project(tmp_path_factory.mktemp("trained") / "project", overrides=OVERRIDES,
-                           corpus=make_corpus(size=30_000))
+    project = make_project(
+        tmp_path_factory.mktemp("trained") / "project", overrides=OVERRIDES, corpus=make_corpus(size=30_000)
+    )
     for stage, args in (("encode", []), ("train", []), ("sample", [*SAMPLE, "--num_tokens", "50"])):
         run_stage(project, stage, *args)
     return project
@@ -110,21 +130,29 @@ def closed_port() -> int:
 PARAM_CASES = {
     "wrong type": ({"model.n_layer": "two"}, ["model.n_layer must be an integer", "'two'"]),
     "float for an integer": ({"train.batch_size": 8.5}, ["train.batch_size must be an integer", "8.5"]),
-    "string for a boolean": ({"model.gradient_checkpointing": "yes"},
-                             ["model.gradient_checkpointing must be true or false", "'yes'"]),
+    "string for a boolean": (
+        {"model.gradient_checkpointing": "yes"},
+        ["model.gradient_checkpointing must be true or false", "'yes'"],
+    ),
     "negative learning rate": ({"train.learning_rate": -0.001}, ["train.learning_rate must be > 0", "-0.001"]),
     "dropout of 1": ({"model.dropout": 1.0}, ["model.dropout must be in [0, 1)", "1.0"]),
-    "n_embd not divisible by n_head": ({"model.n_embd": 30, "model.n_head": 4},
-                                       ["model.n_embd (30) must be divisible by model.n_head (4)"]),
+    "n_embd not divisible by n_head": (
+        {"model.n_embd": 30, "model.n_head": 4},
+        ["model.n_embd (30) must be divisible by model.n_head (4)"],
+    ),
     "batch_size 0": ({"train.batch_size": 0}, ["train.batch_size must be >= 1, got 0"]),
     "unknown device": ({"train.device": "tpu"}, ["train.device", "'tpu'"]),
     "unknown dtype": ({"train.dtype": "fp8"}, ["train.dtype", "'fp8'"]),
     "misspelt key": ({"train.learnig_rate": 0.001}, ["unknown parameter train.learnig_rate"]),
     "missing key": ({"train.seed": DELETE}, ["missing train.seed"]),
-    "several problems at once": ({"model.n_layer": "two", "train.batch_size": 0, "sample.top_p": 2},
-                                 ["model.n_layer", "train.batch_size", "sample.top_p"]),
-    "block_size longer than the validation split": ({"model.block_size": 4000},
-                                                    ["model.block_size (4000)", "encode.val_fraction"]),
+    "several problems at once": (
+        {"model.n_layer": "two", "train.batch_size": 0, "sample.top_p": 2},
+        ["model.n_layer", "train.batch_size", "sample.top_p"],
+    ),
+    "block_size longer than the validation split": (
+        {"model.block_size": 4000},
+        ["model.block_size (4000)", "encode.val_fraction"],
+    ),
     "cuda on a machine without it": ({"train.device": "cuda"}, ["train.device is 'cuda'", "no CUDA device"]),
 }
 
@@ -148,6 +176,7 @@ def test_missing_params_file(trained: Path) -> None:
 
 
 # ---------------------------------------------------------------- download
+
 
 def test_download_of_missing_file(trained: Path) -> None:
     set_params(trained / "params.yaml", {"data.url": "file:///nonexistent/input.txt"})
@@ -273,8 +302,12 @@ def test_bad_checkpoint_file_is_named(trained: Path, case: str) -> None:
 
 def test_checkpoint_trained_on_another_vocabulary(trained: Path) -> None:
     (trained / "data" / "other_vocab.json").write_text(json.dumps({"kind": "char", "chars": "\n abc"}))
-    run_expecting_error(trained, "sample", [*SAMPLE, "--vocab", "data/other_vocab.json"],
-                        "checkpoint out/ckpt.pt was trained with another vocabulary than data/other_vocab.json")
+    run_expecting_error(
+        trained,
+        "sample",
+        [*SAMPLE, "--vocab", "data/other_vocab.json"],
+        "checkpoint out/ckpt.pt was trained with another vocabulary than data/other_vocab.json",
+    )
 
 
 def test_top_k_larger_than_vocabulary_is_clamped(trained: Path) -> None:
@@ -288,8 +321,9 @@ def test_top_k_larger_than_vocabulary_is_clamped(trained: Path) -> None:
 def test_temperature_zero_is_greedy(trained: Path) -> None:
     outputs = []
     for seed in ("1", "2"):  # greedy decoding ignores the seed
-        proc = run_stage(trained, "sample", *SAMPLE, "--temperature", "0", "--num_tokens", "40", "--seed", seed,
-                         check=False)
+        proc = run_stage(
+            trained, "sample", *SAMPLE, "--temperature", "0", "--num_tokens", "40", "--seed", seed, check=False
+        )
         assert proc.returncode == 0, proc.stderr
         outputs.append((trained / "out" / "samples.txt").read_text())
     assert outputs[0] == outputs[1]
@@ -298,8 +332,14 @@ def test_temperature_zero_is_greedy(trained: Path) -> None:
 
 def test_sampling_into_a_pipe_closed_early_ends_quietly(trained: Path) -> None:
     """`python stages/sample.py | head`: the reader leaves while the text streams (more than a pipe buffer)."""
-    proc = subprocess.Popen([sys.executable, "-m", "stages.sample", "--num_tokens", "100000"], cwd=trained,
-                            env=tool_env(trained), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.sample", "--num_tokens", "100000"],
+        cwd=trained,
+        env=tool_env(trained),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     proc.stdout.read(5)
     proc.stdout.close()
     stderr = proc.stderr.read()
@@ -308,8 +348,9 @@ def test_sampling_into_a_pipe_closed_early_ends_quietly(trained: Path) -> None:
 
 
 def test_int8_sampling_on_the_cpu(trained: Path) -> None:
-    proc = run_stage(trained, "sample", *SAMPLE, "--quantize", "int8", "--num_tokens", "40", "--device", "cpu",
-                     check=False)
+    proc = run_stage(
+        trained, "sample", *SAMPLE, "--quantize", "int8", "--num_tokens", "40", "--device", "cpu", check=False
+    )
     assert proc.returncode == 0, proc.stderr
     assert len((trained / "out" / "samples.txt").read_text()) == len("\n") + 40 + len("\n")
 

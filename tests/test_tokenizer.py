@@ -5,11 +5,20 @@ import json
 import pytest
 
 from nanogpt.errors import UserError
-from nanogpt.tokenizer import (BpeTokenizer, CharTokenizer, fit_tokenizer, load_tokenizer, save_tokenizer,
-                               split_text, tokenizer_from_dict)
+from nanogpt.tokenizer import (
+    BpeTokenizer,
+    CharTokenizer,
+    fit_tokenizer,
+    load_tokenizer,
+    save_tokenizer,
+    split_text,
+    tokenizer_from_dict,
+)
 
-TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
-        "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n") * 20
+TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n"
+) * 20
 
 UNICODE = "naïve café 😀🎉 日本語のテキスト e\u0301 a\u0308\n\ttabs  and   spaces\r\nend 🏳️‍🌈"
 

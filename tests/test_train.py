@@ -11,9 +11,21 @@ from nanogpt.tokenizer import CharTokenizer, save_tokenizer, split_text
 from nanogpt.train import TrainPaths, train
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
-TINY = {"model.block_size": 16, "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16, "model.dropout": 0.0,
-        "train.batch_size": 4, "train.max_iters": 6, "train.warmup_iters": 1, "train.eval_interval": 3,
-        "train.device": "cpu", "train.compile": False, "train.dtype": "fp32", "train.resume_interval": 0}
+TINY = {
+    "model.block_size": 16,
+    "model.n_layer": 1,
+    "model.n_head": 2,
+    "model.n_embd": 16,
+    "model.dropout": 0.0,
+    "train.batch_size": 4,
+    "train.max_iters": 6,
+    "train.warmup_iters": 1,
+    "train.eval_interval": 3,
+    "train.device": "cpu",
+    "train.compile": False,
+    "train.dtype": "fp32",
+    "train.resume_interval": 0,
+}
 
 
 def encoded_data(folder: Path) -> None:
@@ -27,8 +39,13 @@ def encoded_data(folder: Path) -> None:
 
 def test_tensorboard_events_are_written_when_asked(tmp_path):
     encoded_data(tmp_path / "data")
-    paths = TrainPaths(tmp_path / "data", tmp_path / "out/ckpt.pt", tmp_path / "out/resume", tmp_path / "metrics",
-                       tmp_path / "out/tensorboard")
+    paths = TrainPaths(
+        tmp_path / "data",
+        tmp_path / "out/ckpt.pt",
+        tmp_path / "out/resume",
+        tmp_path / "metrics",
+        tmp_path / "out/tensorboard",
+    )
     cfg = load_config(REPO_PARAMS, {**TINY, "train.tensorboard": True})
 
     summary = train(cfg, paths, show_progress=False)
@@ -41,8 +58,13 @@ def test_tensorboard_events_are_written_when_asked(tmp_path):
 
 def test_no_tensorboard_folder_by_default(tmp_path):
     encoded_data(tmp_path / "data")
-    paths = TrainPaths(tmp_path / "data", tmp_path / "out/ckpt.pt", tmp_path / "out/resume", tmp_path / "metrics",
-                       tmp_path / "out/tensorboard")
+    paths = TrainPaths(
+        tmp_path / "data",
+        tmp_path / "out/ckpt.pt",
+        tmp_path / "out/resume",
+        tmp_path / "metrics",
+        tmp_path / "out/tensorboard",
+    )
     cfg = load_config(REPO_PARAMS, TINY)
     assert dataclasses.asdict(cfg.train)["tensorboard"] is False
 
