@@ -1,6 +1,6 @@
 """Plot val loss against wall time (from the stage's launch) for benchmark result files.
 
-    python -m benchmarks.plot benchmarks/results/2026-11-25-h100-run4-ttt-warm.json ... -o benchmarks/val_loss_vs_time.png
+    python -m benchmarks.plot benchmarks/results/<name>.json ... -o benchmarks/val_loss_vs_time.png
 """  # fmt: skip
 # (fmt: skip keeps the docstring as written: ruff format would dedent the example, which --help shows)
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def main() -> None:

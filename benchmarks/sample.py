@@ -12,8 +12,8 @@ Writes benchmarks/results/<name>.json.
 
 import argparse
 import copy
-import functools
 import datetime
+import functools
 import json
 import os
 import sys
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from nanogpt.errors import exit_on_user_error
 from nanogpt import runtime
 from nanogpt.checkpoint import load_checkpoint
+from nanogpt.errors import exit_on_user_error
 from nanogpt.generate import SamplingParams, generate, generate_reference
 from nanogpt.quantize import quantize_int8
 
@@ -85,7 +85,7 @@ def main() -> None:
         m, fn = generators[kind]
         seconds = []
         for i in range(3):
-            seconds.append(timed(lambda: fn(m, prompt, args.num_tokens, batch, params, seed=i), device))
+            seconds.append(timed(functools.partial(fn, m, prompt, args.num_tokens, batch, params, seed=i), device))
             if cold_start is None:
                 cold_start = round(time.perf_counter() - launched, 3)
         row = {

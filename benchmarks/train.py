@@ -25,8 +25,8 @@ from typing import Any
 import torch
 import yaml
 
-from nanogpt.errors import UserError, exit_on_user_error
 from nanogpt.config import apply_overrides, load_config
+from nanogpt.errors import UserError, exit_on_user_error
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

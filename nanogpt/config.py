@@ -163,7 +163,7 @@ def _typed_values(cls: type, section: str, values: dict[str, Any], problems: lis
     return kwargs
 
 
-def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:  # noqa: PLR0911, PLR0912  one flat case per kind of hint
     """Check `value` against a type hint; floats also accept ints and YAML 1.1 strings like '3e-4'."""
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):

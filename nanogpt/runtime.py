@@ -3,6 +3,7 @@
 import contextlib
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -59,8 +60,8 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 def seconds_since_launch() -> float | None:
     """Wall time since this process started (Linux), so start-up (imports, CUDA init) shows in timings."""
     try:
-        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-        uptime = float(open("/proc/uptime").read().split()[0])
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
     return uptime - start_ticks / os.sysconf("SC_CLK_TCK")

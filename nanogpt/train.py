@@ -304,7 +304,7 @@ class _Trainer:
         values = distributed.all_reduce_sum(self.losses[start:end].clone(), self.dist) / self.dist.world_size
         self.metrics.train_rows.extend(
             (step + 1, value, lr_factor(step, self.tc) * self.tc.learning_rate)
-            for step, value in zip(range(start, end), values.tolist())
+            for step, value in enumerate(values.tolist(), start)
         )
 
     def _evaluate(self) -> None:

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_PARAMS, copy_project, make_corpus, make_project, set_params
 
+from conftest import TINY_PARAMS, copy_project, make_corpus, make_project, set_params
 from nanogpt.config import load_config
 from nanogpt.train import TrainPaths, train
 

@@ -9,6 +9,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -16,7 +17,7 @@ from nanogpt.config import DataConfig
 from nanogpt.download import download
 from nanogpt.errors import UserError
 
-BODY = "To be, or not to be, that is the question:\n".encode() * 500
+BODY = b"To be, or not to be, that is the question:\n" * 500
 SHA = hashlib.sha256(BODY).hexdigest()
 OLD = b"the previous corpus\n"
 
@@ -24,7 +25,7 @@ OLD = b"the previous corpus\n"
 class Handler(http.server.BaseHTTPRequestHandler):
     """Each path is one behaviour; `hits` counts the requests per path."""
 
-    hits: Counter = Counter()
+    hits: ClassVar[Counter[str]] = Counter()  # shared: http.server makes a handler per request
 
     def do_GET(self) -> None:
         self.hits[self.path] += 1

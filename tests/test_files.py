@@ -37,20 +37,18 @@ def test_an_exception_while_writing_keeps_the_previous_file_and_no_temporaries(t
     path = tmp_path / "out.bin"
     path.write_bytes(b"previous")
 
-    with pytest.raises(Boom):
-        with files.atomic_open(path, "wb") as f:
-            f.write(b"half of the new")
-            raise Boom
+    with pytest.raises(Boom), files.atomic_open(path, "wb") as f:
+        f.write(b"half of the new")
+        raise Boom
 
     assert path.read_bytes() == b"previous"
     assert os.listdir(tmp_path) == ["out.bin"]
 
 
 def test_an_exception_while_writing_a_new_file_leaves_nothing(tmp_path):
-    with pytest.raises(Boom):
-        with files.atomic_open(tmp_path / "out.bin") as f:
-            f.write(b"partial")
-            raise Boom
+    with pytest.raises(Boom), files.atomic_open(tmp_path / "out.bin") as f:
+        f.write(b"partial")
+        raise Boom
 
     assert os.listdir(tmp_path) == []
 

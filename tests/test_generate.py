@@ -1,6 +1,7 @@
 """Sampling filters, the context schedule, and the KV-cached generator against the full-context reference."""
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -143,7 +144,7 @@ def test_context_length_cycles_between_half_and_full_block_after_it(block_size):
 
     assert lengths[0] == keep  # the full cache restarts from its last half
     assert all(keep <= w <= block_size for w in lengths)
-    for prev, nxt in zip(lengths, lengths[1:]):
+    for prev, nxt in itertools.pairwise(lengths):
         assert nxt == prev + 1 or (prev == block_size and nxt == keep)
     assert block_size in lengths
 

@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import itertools
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ def test_warmup_starts_small_and_rises_linearly():
     factors = [lr_factor(step, cfg) for step in range(100)]
 
     assert factors[0] == pytest.approx(1 / 101)
-    assert all(b > a for a, b in zip(factors, factors[1:]))
+    assert all(b > a for a, b in itertools.pairwise(factors))
     assert factors[-1] < 1.0
 
 
@@ -49,7 +50,7 @@ def test_cosine_decays_monotonically_to_min_lr():
 
     factors = [lr_factor(step, cfg) for step in range(100, 1101)]
 
-    assert all(b <= a for a, b in zip(factors, factors[1:]))
+    assert all(b <= a for a, b in itertools.pairwise(factors))
     assert factors[-1] == pytest.approx(0.1)
 
 

@@ -78,6 +78,7 @@ def signal_at_step(project: Path, sig: signal.Signals, at_step: int) -> subproce
         env=tool_env(project),
         capture_output=True,
         text=True,
+        check=False,
         timeout=600,
     )
 
@@ -508,6 +509,7 @@ def test_outputs_are_written_to_a_temporary_file_and_renamed(
         env=tool_env(project),
         capture_output=True,
         text=True,
+        check=False,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
@@ -517,8 +519,10 @@ def test_outputs_are_written_to_a_temporary_file_and_renamed(
     written = {p for p in written if p.split(os.sep)[0] in ("data", "out", "metrics")}
     assert written, "no writes recorded"
     renamed = {}
-    for src, dst in record["renames"]:
-        src, dst = (os.path.relpath(p, project) if os.path.isabs(p) else os.path.normpath(p) for p in (src, dst))
+    for renamed_from, renamed_to in record["renames"]:
+        src, dst = (
+            os.path.relpath(p, project) if os.path.isabs(p) else os.path.normpath(p) for p in (renamed_from, renamed_to)
+        )
         assert os.path.dirname(src) == os.path.dirname(dst), f"{src} renamed across folders to {dst}"
         renamed[dst] = src
     opened_in_place = sorted(written & set(renamed)) + sorted(p for p in written if p in ATOMIC_OUTPUTS[stage])
@@ -592,6 +596,7 @@ def test_non_finite_value_names_step_and_keeps_last_good_checkpoint(fresh_projec
         env=tool_env(fresh_project),
         capture_output=True,
         text=True,
+        check=False,
         timeout=600,
     )
 
