@@ -150,7 +150,8 @@ class _Decoder:
         self.copied = [torch.cuda.Event() for _ in range(2)] if self.use_graphs else []
         self.slot = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.pool = None  # one memory pool for all graphs: they never run at the same time
+        # one memory pool for all graphs: they never run at the same time
+        self.pool: torch.cuda._POOL_HANDLE | None = None
 
     def prefill(self, model: GPT, window: Tensor, gumbel: Tensor, out: Tensor) -> tuple[int, int]:
         """Fill the caches with `window` (B, w) at positions 0..w-1 and sample the token after it, the input of

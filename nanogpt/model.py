@@ -5,6 +5,7 @@ captured as a CUDA graph) and optional gradient checkpointing of the blocks.
 """
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,9 @@ class KVCache(nn.Module):
     `mask` (max_len, max_len) is additive: row p is 0 for the keys a query at position p sees (0..p) and
     -inf for the rest, stale entries included. The caches of a model's layers share one.
     """
+
+    kv: Tensor  # buffers, declared for the type checker (register_buffer sets them)
+    mask: Tensor
 
     def __init__(self, batch_size: int, n_head: int, head_size: int, mask: Tensor) -> None:
         super().__init__()
@@ -52,7 +56,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, input_pos: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor, mask: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         if self.kv_cache is not None and self.kv_cache.fused(T):
             kv = self.kv_cache.kv
@@ -64,7 +68,8 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, qkv[1], qkv[2], dropout_p=dropout, is_causal=True)
         else:
             k, v = self.kv_cache.update(input_pos, qkv[1:])
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask.to(q.dtype))
+            # (type: ignore: with a cache that is not fused, GPT.forward always passes a mask)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask.to(q.dtype))  # type: ignore[union-attr]
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -88,7 +93,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=False)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, input_pos: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor, mask: Tensor | None = None) -> Tensor:
         x = x + self.attn(self.ln_1(x), input_pos, mask)
         return x + self.mlp(self.ln_2(x))
 
@@ -133,7 +138,8 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of length {T} is longer than block_size {self.cfg.block_size}")
             input_pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(input_pos))
-        cache = self.blocks[0].attn.kv_cache
+        # (type: ignore: blocks[0] is a Block, which the type checker cannot know: ModuleList's items are Modules)
+        cache: KVCache | None = self.blocks[0].attn.kv_cache  # type: ignore[union-attr,assignment]
         mask = None if cache is None or cache.fused(T) else cache.mask[input_pos][None, None]
         for block in self.blocks:
             if self.cfg.gradient_checkpointing and self.training:
@@ -157,8 +163,9 @@ class GPT(nn.Module):
 
     def attach_kv_cache(self, caches: list[KVCache] | None) -> None:
         """Put caches made by setup_kv_cache back in place (None: remove them)."""
-        for block, cache in zip(self.blocks, caches or [None] * len(self.blocks), strict=True):
-            block.attn.kv_cache = cache
+        slots: list[KVCache | None] = [*caches] if caches else [None] * len(self.blocks)
+        for block, cache in zip(self.blocks, slots, strict=True):
+            cast(Block, block).attn.kv_cache = cache
 
     def drop_kv_cache(self) -> None:
         self.attach_kv_cache(None)

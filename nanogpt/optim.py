@@ -92,8 +92,9 @@ class BatchedMuon(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._graph = None  # the graph points at the buffers that were just replaced
 
+    # (type: ignore: Optimizer.step also takes a closure that re-evaluates the loss; the training loop passes none)
     @torch.no_grad()
-    def step(self, closure: None = None) -> None:
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
         (group,) = self.param_groups
         self._lr.fill_(group["lr"])
         self._decay.fill_(1 - group["lr"] * group["weight_decay"])

@@ -7,12 +7,13 @@ between layers and meet the weights in bf16.
 """
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nanogpt.model import GPT, MLP
+from nanogpt.model import GPT, MLP, Block
 
 # up to this many rows the fused int8 kernel wins (decoding); above it a bf16 matrix product does (prefill)
 _FUSED_MAX_ROWS = 8
@@ -20,6 +21,9 @@ _FUSED_MAX_ROWS = 8
 
 class Int8Linear(nn.Module):
     """A bias-free nn.Linear with int8 weights and one bf16 scale per output feature."""
+
+    weight: Tensor  # buffers, declared for the type checker (register_buffer sets them)
+    scale: Tensor
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -61,7 +65,9 @@ def _in_bf16(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
 def quantize_int8(model: GPT) -> GPT:
     """Give every block int8 weights, in place, for sampling (the quantized model does not train); the
     embeddings and the tied LM head, a small share of the weights, stay as they are."""
-    for block in model.blocks:
-        block.attn.c_attn, block.attn.c_proj = Int8Linear(block.attn.c_attn), Int8Linear(block.attn.c_proj)
-        block.mlp = Int8MLP(block.mlp)
+    for module in model.blocks:
+        block = cast(Block, module)
+        # (type: ignore: the int8 layers stand in for the Linear and MLP modules the model's attributes are typed as)
+        block.attn.c_attn, block.attn.c_proj = Int8Linear(block.attn.c_attn), Int8Linear(block.attn.c_proj)  # type: ignore[assignment]
+        block.mlp = Int8MLP(block.mlp)  # type: ignore[assignment]
     return model
