@@ -20,7 +20,7 @@ from nanogpt.model import GPT
 from nanogpt.tokenizer import Tokenizer, tokenizer_from_dict
 
 CHECKPOINT_FORMAT = 1
-RESUME_FORMAT = 1  # bump when the resume state's layout or the training trajectory's code changes
+RESUME_FORMAT = 2  # bump when the resume state's layout or the training trajectory's code changes
 
 
 def save_checkpoint(path: Path | str, model: GPT, tokenizer: Tokenizer, step: int, val_loss: float) -> None:
@@ -68,6 +68,35 @@ def resume_key(settings: dict[str, Any], data_files: list[Path]) -> str:
     return h.hexdigest()
 
 
+@dataclasses.dataclass
+class ResumeState:
+    """Everything a resumed run needs to continue exactly where it stopped; its layout is defined here once.
+
+    Saved as a plain dict of tensors, numbers, lists and strings (`to_dict`), loaded with weights_only=True.
+    """
+
+    key: str  # resume_key of the run that saved it
+    step: int  # optimizer steps done
+    best_val: float
+    best_step: int
+    metrics: dict[str, Any]  # MetricsLog.to_state()
+    elapsed: float  # seconds of training so far, so that the series' times continue
+    model: dict[str, Any]
+    optimizers: list[dict[str, Any]]
+    scaler: dict[str, Any]
+    batch_rng: torch.Tensor  # the generator that draws training windows
+    cpu_rng: torch.Tensor  # dropout's RNG (rank 0's)
+    cuda_rng: torch.Tensor | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> "ResumeState":
+        """The state in `state`; a TypeError when keys are missing or unknown."""
+        return cls(**state)
+
+
 class ResumeStore:
     """Resume state kept in a folder that is not a DVC output, so `dvc repro` does not delete it.
 
@@ -80,7 +109,7 @@ class ResumeStore:
         self.state_path = self.folder / "state.pt"
         self.best_path = self.folder / "best.pt"
 
-    def save(self, state: dict[str, Any], checkpoint: Path | None) -> None:
+    def save(self, state: ResumeState, checkpoint: Path | None) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         if checkpoint is not None and checkpoint.exists():
             tmp = self.best_path.with_suffix(".tmp")
@@ -93,9 +122,9 @@ class ResumeStore:
             tmp.unlink(missing_ok=True)  # rename() is a no-op when both names link the same file
         else:  # a best.pt left by an earlier run (other params) must not be restored with this state
             self.best_path.unlink(missing_ok=True)
-        files.torch_save(state, self.state_path)
+        files.torch_save(state.to_dict(), self.state_path)
 
-    def load(self, key: str) -> tuple[dict[str, Any] | None, str]:
+    def load(self, key: str) -> tuple[ResumeState | None, str]:
         """The saved state if it was made with `key`, else None; and a one-line reason for the user."""
         if not self.state_path.exists():
             return None, "no resume state: starting from step 0"
@@ -105,7 +134,11 @@ class ResumeStore:
             return None, f"{exc}: starting from step 0"
         if not isinstance(state, dict) or state.get("key") != key:
             return None, "resume state was made with other params, data or code: starting from step 0"
-        return state, f"resuming from step {state['step']} ({self.state_path})"
+        try:
+            resumed = ResumeState.from_dict(state)
+        except TypeError:
+            return None, f"resume state {self.state_path} is incomplete: starting from step 0"
+        return resumed, f"resuming from step {resumed.step} ({self.state_path})"
 
     def restore_checkpoint(self, checkpoint: Path) -> None:
         """Put the best checkpoint saved with the state back at `checkpoint`."""

@@ -21,10 +21,14 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - cfg.min_lr)
 
 
-def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+def build_optimizers(
+    model: nn.Module, cfg: TrainConfig, device: torch.device, capturable: bool = False
+) -> list[torch.optim.Optimizer]:
     """AdamW for everything (decay on matrices only); with `muon`, Muon takes the blocks' hidden matrices.
 
-    Each param group remembers its peak rate as `peak_lr`; `set_lr` scales it by the schedule.
+    Each param group remembers its peak rate as `peak_lr`; `set_lr` scales it by the schedule. `capturable`:
+    the caller captures whole steps in a CUDA graph (nanogpt/step.py), so the optimizers must be safe to
+    capture and read their learning rates from device tensors (`use_lr_tensors`).
     """
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     hidden = {n for n, p in params.items() if cfg.optimizer == "muon" and p.dim() == 2 and ".blocks." in f".{n}"}
@@ -35,6 +39,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -
         lr=cfg.learning_rate,
         betas=(cfg.beta1, cfg.beta2),
         fused=device.type == "cuda",
+        capturable=capturable,
     )
     optimizers: list[torch.optim.Optimizer] = [adamw]
     if hidden:
@@ -44,29 +49,46 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -
                 lr=cfg.muon_learning_rate,
                 weight_decay=cfg.weight_decay,
                 momentum=0.95,
-                cuda_graph=device.type == "cuda",
+                cuda_graph=device.type == "cuda" and not capturable,  # a graph cannot hold its own
             )
         )
     for opt in optimizers:
         for group in opt.param_groups:
             group["peak_lr"] = group["lr"]
+    if capturable:
+        use_lr_tensors(optimizers, device)
     return optimizers
 
 
-def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
+def use_lr_tensors(optimizers: list[torch.optim.Optimizer], device: torch.device) -> None:
+    """Hold each group's learning rate in a tensor on `device`, so that a captured step reads the value that
+    `set_lr` wrote before the replay, not the one at capture (again after a `load_state_dict`, which puts back
+    the saved values)."""
     for opt in optimizers:
         for group in opt.param_groups:
-            group["lr"] = group["peak_lr"] * factor
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
+    """Set every group's learning rate to `factor` times its peak (in place where it is a tensor)."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            lr = group["peak_lr"] * factor
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
 
 
 class BatchedMuon(torch.optim.Optimizer):
     """torch.optim.Muon's update (Nesterov momentum, 5 Newton-Schulz steps, Keller Jordan's lr scaling),
-    run on all matrices of one shape at once, and on CUDA replayed as one CUDA graph.
+    run on all matrices of one shape at once, and with `cuda_graph` replayed as one CUDA graph.
 
-    torch.optim.Muon orthogonalizes one matrix at a time (~25 small kernels per matrix): on one H100 that
-    made a training step 2.6x slower than AdamW's. Batching the products and replaying the step as a
-    graph removes the launch overhead; the arithmetic is the same. The graph reads the gradients in
-    place, so callers must keep them allocated (`zero_grad(set_to_none=False)`).
+    torch.optim.Muon orthogonalizes one matrix at a time, in many small kernels per matrix, which leaves a
+    GPU waiting on the host (BENCHMARKS.md). Batching the products and replaying the update as a graph
+    removes the launch overhead; the arithmetic is the same. The graph works on copies of the gradients,
+    so callers may free them between steps (`zero_grad(set_to_none=True)`). Without `cuda_graph` the
+    update is plain tensor code that a caller's own CUDA graph can capture (its lr then a tensor).
     """
 
     def __init__(
@@ -96,8 +118,8 @@ class BatchedMuon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
         (group,) = self.param_groups
-        self._lr.fill_(group["lr"])
-        self._decay.fill_(1 - group["lr"] * group["weight_decay"])
+        _assign(self._lr, group["lr"])
+        _assign(self._decay, 1 - group["lr"] * group["weight_decay"])
         params = [p for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in params]
         if self._graph is None and self.cuda_graph and self._eager_steps >= 2 and len(params) == len(group["params"]):
@@ -126,6 +148,14 @@ class BatchedMuon(torch.optim.Optimizer):
             ortho.mul_(self._lr * -math.sqrt(max(1.0, shape[0] / shape[1])))
             torch._foreach_mul_(same, self._decay)
             torch._foreach_add_(same, list(ortho.unbind(0)))
+
+
+def _assign(target: torch.Tensor, value: float | torch.Tensor) -> None:
+    """Write a number or a 0-d tensor into `target` (a device copy, which a CUDA graph can capture)."""
+    if isinstance(value, torch.Tensor):
+        target.copy_(value)
+    else:
+        target.fill_(value)
 
 
 def newton_schulz(g: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:

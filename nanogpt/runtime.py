@@ -43,18 +43,43 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_compile(setting: bool | str, device: torch.device) -> bool:
-    """`auto` compiles on CUDA under Linux, where torch.compile's Triton backend is at home."""
+def resolve_compile(setting: bool | str, device: torch.device, captured: bool = False) -> bool:
+    """`auto` compiles on CUDA under Linux, where torch.compile's Triton backend is at home, unless the step is
+    captured whole (`captures_step`): the graph already removes the launch overhead, and compiling would cost
+    more start-up than its fused kernels save in a run of this project's size (BENCHMARKS.md)."""
     if setting == "auto":
-        return device.type == "cuda" and sys.platform.startswith("linux")
+        return device.type == "cuda" and sys.platform.startswith("linux") and not captured
     return bool(setting)
 
 
-def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """Mixed precision for bf16/fp16; a no-op for fp32."""
+def autocast(device: torch.device, dtype: torch.dtype, cache: bool = True) -> contextlib.AbstractContextManager:
+    """Mixed precision for bf16/fp16; a no-op for fp32. `cache=False` for code captured in a CUDA graph."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
+
+
+# torch.compile modes that replay CUDA graphs, and the same mode without them
+GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def captures_step(
+    compile_mode: str, device: torch.device, dtype: torch.dtype, world_size: int, gradient_checkpointing: bool
+) -> bool:
+    """Whether the whole training step is captured as one CUDA graph (nanogpt/step.py).
+
+    That is what a CUDA-graph compile mode (reduce-overhead, max-autotune) asks for, and it is done whole
+    where it can be: one process on a GPU, without fp16's grad scaler (it reads its overflow check on the
+    host) and without gradient checkpointing (it saves RNG states on the host). Elsewhere torch.compile's own
+    CUDA graphs serve the mode.
+    """
+    return (
+        compile_mode in GRAPH_MODES
+        and device.type == "cuda"
+        and dtype != torch.float16
+        and world_size == 1
+        and not gradient_checkpointing
+    )
 
 
 def seconds_since_launch() -> float | None:

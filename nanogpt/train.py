@@ -1,6 +1,9 @@
-"""The training loop: schedule, precision, compile, evaluation, checkpoints, resume and signals."""
+"""The training loop as named steps: build, restore, train_step, evaluate, save_resume.
 
-import contextlib
+One optimizer step is nanogpt/step.py (the textbook step, and on a GPU its CUDA-graph replay); the resume
+state's layout is nanogpt/checkpoint.py's ResumeState.
+"""
+
 import dataclasses
 import math
 import os
@@ -14,15 +17,15 @@ from typing import Any
 import torch
 
 from nanogpt import data, distributed, runtime
-from nanogpt.checkpoint import ResumeStore, resume_key, save_checkpoint
+from nanogpt.checkpoint import ResumeState, ResumeStore, resume_key, save_checkpoint
 from nanogpt.config import Config
 from nanogpt.distributed import DistInfo
 from nanogpt.errors import UserError
-from nanogpt.metrics import MetricsLog
+from nanogpt.metrics import MetricsLog, RunLog
 from nanogpt.model import GPT
-from nanogpt.optim import build_optimizers, lr_factor, set_lr
-from nanogpt.progress import TrainProgress
-from nanogpt.tokenizer import load_tokenizer
+from nanogpt.optim import build_optimizers, lr_factor, set_lr, use_lr_tensors
+from nanogpt.step import Batch, build_train_step
+from nanogpt.tokenizer import Tokenizer, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -83,12 +86,114 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths(), show_progress: bool = T
             ) from None
     dist_info = distributed.init_from_env(device.type)
     try:
-        return _Trainer(cfg, paths, device, dtype, dist_info, show_progress).run()
+        return Trainer(cfg, paths, device, dtype, dist_info, show_progress).run()
     finally:
         distributed.shutdown(dist_info)
 
 
-class _Trainer:
+@dataclass(frozen=True)
+class TrainData:
+    """The encoded splits: training tokens on the device, the validation windows, and the tokenizer."""
+
+    tokenizer: Tokenizer
+    train_tokens: torch.Tensor
+    evalset: data.EvalSet
+    tokens_per_char: float  # for bits per character: validation tokens over the characters they spell
+
+    @classmethod
+    def load(cls, folder: Path, block_size: int, device: torch.device) -> "TrainData":
+        tokenizer = load_tokenizer(folder / "vocab.json")
+        train_tokens = data.load_tokens(folder / "train.pt")
+        val_tokens = data.load_tokens(folder / "val.pt")
+        _check_tokens(train_tokens, val_tokens, tokenizer.vocab_size, block_size, folder)
+        evalset = data.eval_windows(val_tokens, block_size)
+        first = tokenizer.decode(val_tokens[:1].tolist())
+        predicted_chars = len(tokenizer.decode(val_tokens.tolist())) - len(first)
+        return cls(tokenizer, train_tokens.to(device), evalset, evalset.num_targets / predicted_chars)
+
+    def batches(self, rng: torch.Generator, batch_size: int, micro_steps: int, dist: DistInfo) -> list[Batch]:
+        """This rank's micro-batches of one optimizer step's random training windows.
+
+        Every rank draws the whole step's windows from the same generator and takes its own slice, so N ranks
+        x k micro-steps x batch b see exactly the windows of one process with batch N*k*b.
+        """
+        block_size = self.evalset.x.size(1)
+        count = batch_size * micro_steps * dist.world_size
+        starts = data.sample_starts(len(self.train_tokens), count, block_size, rng)
+        firsts = [(micro * dist.world_size + dist.rank) * batch_size for micro in range(micro_steps)]
+        return [data.windows(self.train_tokens, starts[first : first + batch_size], block_size) for first in firsts]
+
+
+class StepSeries:
+    """Each step's loss and gradient norm, kept on the device since the last flush (no host sync per step)."""
+
+    def __init__(self, capacity: int, device: torch.device, start: int) -> None:
+        self.losses = torch.zeros(capacity, device=device)
+        self.norms = torch.zeros(capacity, device=device)
+        self.flushed = start  # steps before this one were read back
+
+    def record(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        self.losses[step - self.flushed], self.norms[step - self.flushed] = loss, norm
+
+    def read(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The losses and norms of the steps since the last read, up to `end`."""
+        n = end - self.flushed
+        self.flushed = end
+        return self.losses[:n], self.norms[:n]
+
+
+@dataclass
+class Learner:
+    """The model and what updates it: optimizers, grad scaler (fp16 only) and the training windows' generator."""
+
+    model: GPT
+    optimizers: list[torch.optim.Optimizer]
+    scaler: torch.amp.GradScaler
+    batch_rng: torch.Generator
+
+    @classmethod
+    def build(
+        cls, cfg: Config, vocab_size: int, device: torch.device, dtype: torch.dtype, capturable: bool
+    ) -> "Learner":
+        """The same initial weights on every rank (seeded with train.seed)."""
+        torch.manual_seed(cfg.train.seed)
+        model = GPT(cfg.model, vocab_size).to(device)
+        optimizers = build_optimizers(model, cfg.train, device, capturable=capturable)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        batch_rng = torch.Generator(device=device)
+        batch_rng.manual_seed(cfg.train.seed)
+        return cls(model, optimizers, scaler, batch_rng)
+
+    def state(self) -> dict[str, Any]:
+        """The ResumeState fields this holds (dropout's RNG included)."""
+        device = self.batch_rng.device
+        return {
+            "model": self.model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "scaler": self.scaler.state_dict(),
+            "batch_rng": self.batch_rng.get_state(),
+            "cpu_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        }
+
+    def load(self, state: ResumeState, restore_dropout_rng: bool, capturable: bool) -> None:
+        self.model.load_state_dict(state.model)
+        for opt, opt_state in zip(self.optimizers, state.optimizers, strict=True):
+            opt.load_state_dict(opt_state)
+        if capturable:  # load_state_dict put back plain numbers
+            use_lr_tensors(self.optimizers, self.batch_rng.device)
+        self.scaler.load_state_dict(state.scaler)
+        self.batch_rng.set_state(state.batch_rng)
+        if restore_dropout_rng:
+            torch.set_rng_state(state.cpu_rng)
+            if state.cuda_rng is not None:
+                torch.cuda.set_rng_state(state.cuda_rng, self.batch_rng.device)
+
+
+class Trainer:
+    """Builds the model, optimizers and step from the config (the constructor), restores a resume state,
+    then runs the loop: train_step, evaluate, save_resume."""
+
     def __init__(
         self,
         cfg: Config,
@@ -98,234 +203,127 @@ class _Trainer:
         dist_info: DistInfo,
         show_progress: bool,
     ) -> None:
-        self.cfg, self.tc, self.paths = cfg, cfg.train, paths
-        self.device, self.dtype, self.dist = device, dtype, dist_info
+        self.cfg, self.paths, self.device, self.dtype, self.dist = cfg, paths, device, dtype, dist_info
         self.started = time.perf_counter() - (runtime.seconds_since_launch() or 0.0)
-        self.tokenizer = load_tokenizer(paths.data_dir / "vocab.json")
-        train_tokens = data.load_tokens(paths.data_dir / "train.pt")
-        val_tokens = data.load_tokens(paths.data_dir / "val.pt")
-        _check_tokens(train_tokens, val_tokens, self.tokenizer.vocab_size, cfg.model.block_size, paths.data_dir)
-        self.evalset = data.eval_windows(val_tokens, cfg.model.block_size)
-        first = self.tokenizer.decode(val_tokens[:1].tolist())
-        predicted_chars = len(self.tokenizer.decode(val_tokens.tolist())) - len(first)
-        self.tokens_per_char = self.evalset.num_targets / predicted_chars
-        self.train_tokens = train_tokens.to(device)
-
-        torch.manual_seed(self.tc.seed)
-        self.model = GPT(cfg.model, self.tokenizer.vocab_size).to(device)
-        self.optimizers = build_optimizers(self.model, self.tc, device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        self.batch_rng = torch.Generator(device=device)
-        self.batch_rng.manual_seed(self.tc.seed)
-        torch.manual_seed(self.tc.seed + dist_info.rank)  # same initial weights on every rank, own dropout
-        self.autocast = runtime.autocast(device, dtype)
-        self.tokens_per_step = (
-            self.tc.batch_size * cfg.model.block_size * self.tc.grad_accum_steps * dist_info.world_size
+        self.data = TrainData.load(paths.data_dir, cfg.model.block_size, device)
+        train = cfg.train
+        self.captured = runtime.captures_step(
+            train.compile_mode, device, dtype, dist_info.world_size, cfg.model.gradient_checkpointing
         )
-
+        self.learner = Learner.build(cfg, self.data.tokenizer.vocab_size, device, dtype, self.captured)
+        self.model = self.learner.model
+        torch.manual_seed(train.seed + dist_info.rank)  # same initial weights on every rank, own dropout
+        self.tokens_per_step = train.batch_size * cfg.model.block_size * train.grad_accum_steps * dist_info.world_size
         self.step, self.best_val, self.best_step = 0, math.inf, 0
-        self.metrics = MetricsLog()
         self.store = ResumeStore(paths.resume_dir)
-        settings = {
-            "model": dataclasses.asdict(cfg.model),
-            "train": dataclasses.asdict(self.tc),
-            "device": device.type,
-            "dtype": str(dtype),
-            "world_size": dist_info.world_size,
-        }
-        data_files = [paths.data_dir / name for name in ("train.pt", "val.pt", "vocab.json")]
-        self.key = resume_key(settings, data_files)
-        self.progress = TrainProgress(self.tc.max_iters, 0, enabled=show_progress and dist_info.is_main)
-        self._restore()
-        if not distributed.same_on_all_ranks(self.step, dist_info):  # e.g. a host that cannot see rank 0's files
-            raise UserError(
-                f"the ranks found different resume states in {paths.resume_dir}: every host must see "
-                "the one rank 0 writes (a shared filesystem), or delete it to start over"
-            )
-        self.progress.message(
+        self.key = resume_key(_trajectory_settings(cfg, device, dtype, dist_info.world_size), _data_files(paths))
+        tensorboard = paths.tensorboard_dir if train.tensorboard else None
+        self.log = RunLog(paths.metrics_dir, tensorboard, train.max_iters, dist_info.is_main, show_progress)
+        self.restore()
+        self.log.progress.message(
             f"{self.model.num_params() / 1e6:.2f}M parameters on {device} ({str(dtype)[6:]}), "
             f"{self.tokens_per_step:,} tokens per step, ready {self.elapsed():.1f} s after launch"
         )
-
-        self.ddp = None
-        if dist_info.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel  # imports all of torch.distributed: seconds
-
-            self.ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.compiled = runtime.resolve_compile(self.tc.compile, device)
-        forward = self.ddp or self.model
-        self.forward = torch.compile(forward, mode=self.tc.compile_mode) if self.compiled else forward
-        self.writer = None
-        if self.tc.tensorboard and dist_info.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(paths.tensorboard_dir))
+        self.compiled = runtime.resolve_compile(train.compile, device, self.captured)
+        # off the GPU a host check costs nothing: stop before a non-finite update
+        check = (
+            None if device.type == "cuda" else lambda loss, norm: self._check_finite(self.step, loss[None], norm[None])
+        )
+        parts = (self.model, self.learner.optimizers, self.learner.scaler, train)
+        self.train_step_fn = build_train_step(*parts, self.compiled, self.captured, dtype, check)
 
     def elapsed(self) -> float:
         """Seconds since the process was launched (plus the time of the runs this one resumes)."""
         return time.perf_counter() - self.started
 
-    def _restore(self) -> None:
+    def restore(self) -> None:
+        """Continue from the resume state made with the same params, data and code, if there is one."""
         state, why = self.store.load(self.key)
-        self.progress.message(why)
+        self.log.progress.message(why)
+        _check_same_on_all_ranks(state.step if state else 0, self.dist, self.paths.resume_dir)
         if state is None:
             return
-        self.model.load_state_dict(state["model"])
-        for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
-            opt.load_state_dict(opt_state)
-        self.scaler.load_state_dict(state["scaler"])
-        self.batch_rng.set_state(state["batch_rng"])
-        if self.dist.rank == 0:
-            torch.set_rng_state(state["cpu_rng"])
-            if self.device.type == "cuda":
-                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        else:  # only rank 0's dropout RNG is saved; the others continue from a seed of their own
-            torch.manual_seed(self.tc.seed + self.dist.rank + 1_000_003 * state["step"])
-        self.step, self.best_val, self.best_step = state["step"], state["best_val"], state["best_step"]
-        self.metrics = MetricsLog.from_state(state["metrics"], self.step)
-        self.started -= state["elapsed"]
+        self.learner.load(state, restore_dropout_rng=self.dist.rank == 0, capturable=self.captured)
+        if self.dist.rank != 0:  # only rank 0's dropout RNG is saved; the others continue from a seed of their own
+            torch.manual_seed(self.cfg.train.seed + self.dist.rank + 1_000_003 * state.step)
+        self.step, self.best_val, self.best_step = state.step, state.best_val, state.best_step
+        self.log.series = MetricsLog.from_state(state.metrics, self.step)
+        self.started -= state.elapsed
         if self.dist.is_main:
             self.store.restore_checkpoint(self.paths.checkpoint)
-        self.progress.step(self.step)
+        self.log.progress.step(self.step)
 
-    def _save_resume(self) -> None:
+    def save_resume(self) -> None:
         if not self.dist.is_main:
             return
-        state = {
-            "key": self.key,
-            "step": self.step,
-            "best_val": self.best_val,
-            "best_step": self.best_step,
-            "model": self.model.state_dict(),
-            "optimizers": [opt.state_dict() for opt in self.optimizers],
-            "scaler": self.scaler.state_dict(),
-            "batch_rng": self.batch_rng.get_state(),
-            "cpu_rng": torch.get_rng_state(),
-            "metrics": self.metrics.to_state(),
-            "elapsed": self.elapsed(),
-        }
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        series, learned = self.log.series.to_state(), self.learner.state()
+        state = ResumeState(self.key, self.step, self.best_val, self.best_step, series, self.elapsed(), **learned)
         self.store.save(state, self.paths.checkpoint if self.best_step else None)
 
     def run(self) -> dict[str, Any]:
-        tc = self.tc
-        params = list(self.model.parameters())
-        self.losses = torch.zeros(tc.max_iters, device=self.device)  # on the device: no per-step host sync
-        self.norms = torch.zeros(tc.max_iters, device=self.device)
-        self.flushed = self.step  # steps before this one are checked and logged
-        self.start_step = self.step
-        self.interval_start = time.perf_counter()
-        self.intervals: list[tuple[int, float]] = []  # (tokens, seconds) between evaluations
+        train = self.cfg.train
+        # the series are read back at every evaluation, so they never hold more than eval_interval steps
+        self.series = StepSeries(min(train.max_iters, train.eval_interval), self.device, start=self.step)
+        self.log.start(self.step)
         with _StopFlag() as stop:
-            while self.step < tc.max_iters:
+            while self.step < train.max_iters:
                 if distributed.any_rank(stop.signum is not None, self.dist):  # all ranks stop at one step
                     self._flush()  # the state's series must reach self.step: the resumed run logs from there
-                    self._save_resume()
-                    self.progress.close()
+                    self.save_resume()
+                    self.log.close()
                     raise Interrupted(stop.signum or signal.SIGTERM, self.step)
-                set_lr(self.optimizers, lr_factor(self.step, tc))
-                if self.compiled:
-                    torch.compiler.cudagraph_mark_step_begin()
-                loss = self._accumulate_gradients()
-                for opt in self.optimizers:
-                    self.scaler.unscale_(opt)
-                norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or math.inf)
-                self.losses[self.step], self.norms[self.step] = loss, norm
-                if self.device.type != "cuda":  # a host check is free here: stop before the update
-                    self._check_finite(self.step, self.step + 1)
-                for opt in self.optimizers:
-                    self.scaler.step(opt)
-                self.scaler.update()
-                for opt in self.optimizers:
-                    opt.zero_grad(set_to_none=True)
-                self.step += 1
-                self.progress.step(self.step)
-                if self.step % tc.eval_interval == 0 or self.step == tc.max_iters:
+                self.train_step()
+                if self.step % train.eval_interval == 0 or self.step == train.max_iters:
                     self._flush()
-                    self._evaluate()
-                if tc.resume_interval and self.step % tc.resume_interval == 0 and self.step < tc.max_iters:
+                    self.evaluate()
+                if train.resume_interval and self.step % train.resume_interval == 0 and self.step < train.max_iters:
                     self._flush()
                     saving = time.perf_counter()  # saving is not training: keep it out of tokens/s
-                    self._save_resume()
-                    self.interval_start += time.perf_counter() - saving
-        self.progress.close()
-        if self.writer is not None:
-            self.writer.close()
+                    self.save_resume()
+                    self.log.pause(time.perf_counter() - saving)
+        self.log.close()
         if self.dist.is_main:
             self.store.clear()
-        return self._summary()
+        return self.summary()
+
+    def train_step(self) -> None:
+        """One optimizer step at the scheduled learning rate, on this rank's share of the step's windows."""
+        set_lr(self.learner.optimizers, lr_factor(self.step, self.cfg.train))
+        if self.compiled and not self.captured:
+            torch.compiler.cudagraph_mark_step_begin()
+        train = self.cfg.train
+        loss, norm = self.train_step_fn(
+            self.data.batches(self.learner.batch_rng, train.batch_size, train.grad_accum_steps, self.dist)
+        )
+        self.series.record(self.step, loss, norm)
+        self.step += 1
+        self.log.progress.step(self.step)
 
     def _flush(self) -> None:
         """Check the steps since the last flush for non-finite values and log their losses (one host sync)."""
-        self._check_finite(self.flushed, self.step)
-        self._log_train(self.flushed, self.step)
-        self.flushed = self.step
-
-    def _accumulate_gradients(self) -> torch.Tensor:
-        """Forward and backward over this rank's share of one optimizer step's batch; the mean loss."""
-        total = torch.zeros((), device=self.device)
-        b, accum, world = self.tc.batch_size, self.tc.grad_accum_steps, self.dist.world_size
-        # every rank draws the whole step's windows from the same generator and takes its own slice, so
-        # N ranks x k micro-steps x batch b see exactly the windows of one process with batch N*k*b
-        starts = data.sample_starts(
-            len(self.train_tokens), b * accum * world, self.cfg.model.block_size, self.batch_rng
-        )
-        for micro in range(accum):
-            first = (micro * world + self.dist.rank) * b
-            x, y = data.windows(self.train_tokens, starts[first : first + b], self.cfg.model.block_size)
-            last = micro == accum - 1
-            sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
-            with sync:
-                with self.autocast:
-                    _, loss = self.forward(x, y)
-                self.scaler.scale(loss / self.tc.grad_accum_steps).backward()
-            total += loss.detach()
-        return total / self.tc.grad_accum_steps
-
-    def _check_finite(self, start: int, end: int) -> None:
-        bad = ~torch.isfinite(self.losses[start:end])
-        if not self.scaler.is_enabled():  # with fp16's scaler, inf gradients are skipped steps, not errors
-            bad |= ~torch.isfinite(self.norms[start:end])
-        if bad.any():
-            step = start + int(bad.nonzero()[0]) + 1
-            where = (
-                f"the last good checkpoint {self.paths.checkpoint} (step {self.best_step}) is untouched"
-                if self.best_step
-                else "no checkpoint was written"
-            )
-            raise UserError(
-                f"loss or gradient became non-finite at step {step}; training stopped, {where}: "
-                "lower train.learning_rate or use train.dtype=bf16/fp32"
-            )
-
-    def _log_train(self, start: int, end: int) -> None:
+        first = self.series.flushed
+        losses, norms = self.series.read(self.step)
+        self._check_finite(first, losses, norms)
         # each rank holds the loss of its own share of the batch: log the mean, the whole batch's loss
-        values = distributed.all_reduce_sum(self.losses[start:end].clone(), self.dist) / self.dist.world_size
-        self.metrics.train_rows.extend(
-            (step + 1, value, lr_factor(step, self.tc) * self.tc.learning_rate)
-            for step, value in enumerate(values.tolist(), start)
-        )
+        values = distributed.all_reduce_sum(losses.clone(), self.dist) / self.dist.world_size
+        lrs = [lr_factor(step, self.cfg.train) * self.cfg.train.learning_rate for step in range(first, self.step)]
+        self.log.train_losses(first, values.tolist(), lrs)
 
-    def _evaluate(self) -> None:
+    def _check_finite(self, first: int, losses: torch.Tensor, norms: torch.Tensor) -> None:
+        check_finite(first, losses, norms, self.learner.scaler.is_enabled(), self.paths.checkpoint, self.best_step)
+
+    def evaluate(self) -> None:
+        """Loss over the validation split; the checkpoint when it is the best so far; report and write metrics."""
         runtime.synchronize(self.device)
-        interval = time.perf_counter() - self.interval_start
-        steps = self.step - max(self.start_step, self.metrics.val_rows[-1][0] if self.metrics.val_rows else 0)
-        self.intervals.append((steps * self.tokens_per_step, interval))
-
-        total, count = data.evaluate(
-            self.model,
-            self.evalset,
-            self.tc.batch_size,
-            self.autocast,
-            self.tc.eval_iters,
-            self.dist.rank,
-            self.dist.world_size,
-        )
+        tokens_per_sec = self.log.end_interval(self.step, self.tokens_per_step)
+        train = self.cfg.train
+        autocast = runtime.autocast(self.device, self.dtype)
+        share = (train.eval_iters, self.dist.rank, self.dist.world_size)  # this rank's batches
+        total, count = data.evaluate(self.model, self.data.evalset, train.batch_size, autocast, *share)
         total, count = distributed.all_reduce_sum(total, self.dist), distributed.all_reduce_sum(count, self.dist)
         val_loss = float(total / count)
-        val_bpc = data.bits_per_char(val_loss, self.tokens_per_char)
-        self.metrics.val_rows.append((self.step, val_loss, val_bpc, self.elapsed()))
+        val_bpc = data.bits_per_char(val_loss, self.data.tokens_per_char)
+        self.log.series.val_rows.append((self.step, val_loss, val_bpc, self.elapsed()))
         if not math.isfinite(val_loss):
             raise UserError(
                 f"validation loss is non-finite at step {self.step}; training stopped, "
@@ -334,38 +332,61 @@ class _Trainer:
         if val_loss < self.best_val:
             self.best_val, self.best_step = val_loss, self.step
             if self.dist.is_main:
-                save_checkpoint(self.paths.checkpoint, self.model, self.tokenizer, self.step, val_loss)
-        train_loss = self.metrics.train_rows[-1][1]
-        tokens_per_sec = steps * self.tokens_per_step / interval
-        self.progress.report(
-            self.step, f"loss {train_loss:.4f}  val {val_loss:.4f}  bpc {val_bpc:.3f}  {tokens_per_sec:,.0f} tok/s"
-        )
-        if self.writer is not None:
-            for name, value in (("loss/train", train_loss), ("loss/val", val_loss), ("val_bpc", val_bpc)):
-                self.writer.add_scalar(name, value, self.step)
-        if self.dist.is_main:
-            self.metrics.write(self.paths.metrics_dir, self._summary())
-        self.interval_start = time.perf_counter()
+                save_checkpoint(self.paths.checkpoint, self.model, self.data.tokenizer, self.step, val_loss)
+        self.log.evaluation(self.step, val_loss, val_bpc, tokens_per_sec)
+        self.log.write(self.summary())
+        self.log.start(self.step)  # evaluating is not training: the next interval starts now
 
-    def _summary(self) -> dict[str, Any]:
-        best = next(r for r in self.metrics.val_rows if r[0] == self.best_step) if self.best_step else None
-        steady = self.intervals[1:] or self.intervals  # the first interval holds compilation
-        tokens_per_sec = sum(t for t, _ in steady) / max(sum(s for _, s in steady), 1e-9)
-        return {
-            "best_val_loss": round(self.best_val, 5) if best else None,
-            "best_val_bpc": round(best[2], 5) if best else None,
-            "best_step": self.best_step,
-            "final_train_loss": round(self.metrics.train_rows[-1][1], 5) if self.metrics.train_rows else None,
-            "final_val_loss": round(self.metrics.val_rows[-1][1], 5) if self.metrics.val_rows else None,
-            "steps": self.step,
-            "tokens_per_step": self.tokens_per_step,
-            "tokens_per_sec": round(tokens_per_sec),
-            "wall_time_s": round(self.elapsed(), 2),
-            "num_params": self.model.num_params(),
-            "peak_memory_mib": round(torch.cuda.max_memory_allocated(self.device) / 2**20)
-            if self.device.type == "cuda"
-            else None,
-        }
+    def summary(self) -> dict[str, Any]:
+        run = (self.best_val, self.best_step, self.step, self.tokens_per_step, self.elapsed())
+        return self.log.summary(*run, self.model.num_params(), self.device)
+
+
+def check_finite(
+    first: int, losses: torch.Tensor, norms: torch.Tensor, scaled: bool, checkpoint: Path, best_step: int
+) -> None:
+    """A UserError naming the first step (counting from `first`) whose loss or gradient norm is not finite.
+
+    With fp16's grad scaler (`scaled`) an infinite gradient is a skipped step, not an error.
+    """
+    bad = ~torch.isfinite(losses)
+    if not scaled:
+        bad |= ~torch.isfinite(norms)
+    if bad.any():
+        step = first + int(bad.nonzero()[0]) + 1
+        where = (
+            f"the last good checkpoint {checkpoint} (step {best_step}) is untouched"
+            if best_step
+            else "no checkpoint was written"
+        )
+        raise UserError(
+            f"loss or gradient became non-finite at step {step}; training stopped, {where}: "
+            "lower train.learning_rate or use train.dtype=bf16/fp32"
+        )
+
+
+def _check_same_on_all_ranks(resume_step: int, dist: DistInfo, resume_dir: Path) -> None:
+    """Every rank must resume from the same step (a host that cannot see rank 0's files would not)."""
+    if not distributed.same_on_all_ranks(resume_step, dist):
+        raise UserError(
+            f"the ranks found different resume states in {resume_dir}: every host must see "
+            "the one rank 0 writes (a shared filesystem), or delete it to start over"
+        )
+
+
+def _trajectory_settings(cfg: Config, device: torch.device, dtype: torch.dtype, world_size: int) -> dict[str, Any]:
+    """What shapes the training trajectory besides the data: a resume state made with others is not used."""
+    return {
+        "model": dataclasses.asdict(cfg.model),
+        "train": dataclasses.asdict(cfg.train),
+        "device": device.type,
+        "dtype": str(dtype),
+        "world_size": world_size,
+    }
+
+
+def _data_files(paths: TrainPaths) -> list[Path]:
+    return [paths.data_dir / name for name in ("train.pt", "val.pt", "vocab.json")]
 
 
 def _check_tokens(

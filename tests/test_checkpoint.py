@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from nanogpt.checkpoint import ResumeStore, load_checkpoint, resume_key, save_checkpoint
+from nanogpt.checkpoint import ResumeState, ResumeStore, load_checkpoint, resume_key, save_checkpoint
 from nanogpt.config import ModelConfig
 from nanogpt.errors import UserError
 from nanogpt.model import GPT
@@ -85,21 +85,42 @@ def test_resume_key_changes_with_params_and_data(tmp_path):
     assert resume_key({"lr": 1e-3}, [data]) != key
 
 
+def resume_state(key: str, step: int) -> ResumeState:
+    """A small but complete resume state."""
+    rng = torch.get_rng_state()
+    return ResumeState(
+        key, step, 1.5, step, {"train_rows": [], "val_rows": []}, 2.0, {"weights": torch.arange(4.0)}, [], {}, rng, rng
+    )
+
+
 def test_resume_state_round_trip(tmp_path, checkpoint):
     best, _ = checkpoint
     store = ResumeStore(tmp_path / "resume")
-    state = {"key": "k1", "step": 7, "weights": torch.arange(4.0)}
+    state = resume_state("k1", 7)
 
     store.save(state, best)
     loaded, reason = store.load("k1")
 
-    assert loaded["step"] == 7 and torch.equal(loaded["weights"], state["weights"])
+    assert loaded.step == 7 and torch.equal(loaded.model["weights"], state.model["weights"])
     assert "resuming from step 7" in reason
+
+
+def test_resume_state_missing_a_key_starts_from_step_0(tmp_path):
+    store = ResumeStore(tmp_path / "resume")
+    state = resume_state("k1", 7).to_dict()
+    del state["batch_rng"]
+    store.state_path.parent.mkdir(parents=True)
+    torch.save(state, store.state_path)
+
+    loaded, reason = store.load("k1")
+
+    assert loaded is None
+    assert "incomplete" in reason and "step 0" in reason
 
 
 def test_resume_state_with_another_key_is_not_used(tmp_path):
     store = ResumeStore(tmp_path / "resume")
-    store.save({"key": "k1", "step": 7}, None)
+    store.save(resume_state("k1", 7), None)
 
     loaded, reason = store.load("k2")
 
@@ -115,7 +136,7 @@ def test_no_resume_state_starts_from_step_0(tmp_path):
 
 def test_corrupt_resume_state_starts_from_step_0(tmp_path):
     store = ResumeStore(tmp_path / "resume")
-    store.save({"key": "k1", "step": 7}, None)
+    store.save(resume_state("k1", 7), None)
     store.state_path.write_bytes(b"garbage")
 
     loaded, reason = store.load("k1")
@@ -128,7 +149,7 @@ def test_restore_checkpoint_puts_the_best_back(tmp_path, checkpoint):
     best, _ = checkpoint
     content = best.read_bytes()
     store = ResumeStore(tmp_path / "resume")
-    store.save({"key": "k1", "step": 7}, best)
+    store.save(resume_state("k1", 7), best)
     os.remove(best)  # as `dvc repro` does with a stage's outputs
 
     store.restore_checkpoint(best)
@@ -139,7 +160,7 @@ def test_restore_checkpoint_puts_the_best_back(tmp_path, checkpoint):
 def test_clear_removes_the_folder(tmp_path, checkpoint):
     best, _ = checkpoint
     store = ResumeStore(tmp_path / "resume")
-    store.save({"key": "k1", "step": 7}, best)
+    store.save(resume_state("k1", 7), best)
 
     store.clear()
 
