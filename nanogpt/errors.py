@@ -1,10 +1,12 @@
-"""The project's error type and the wrapper that turns it into a one-line message and an exit code."""
+"""The project's error type, the wrapper that turns it into a one-line message and an exit code, and the way a
+stage ends its process."""
 
+import contextlib
 import functools
 import os
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 T = TypeVar("T")
 
@@ -28,3 +30,28 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
             sys.exit(1)
 
     return wrapper
+
+
+def run_and_exit(main: Callable[[], object]) -> NoReturn:
+    """Run a stage's `main` as the program; exit with its status as soon as it returns.
+
+    A stage's outputs are written, fsynced and renamed into place by the time `main` returns, so the
+    interpreter's teardown (torch.compile's worker processes, the CUDA context, garbage collection of the
+    model) changes nothing on disk, yet DVC would wait seconds for it (BENCHMARKS.md): skip it. Ctrl-C
+    outside training (which saves its state itself) ends quietly with status 130, as shells expect. An
+    unexpected exception keeps its traceback and Python's normal exit.
+    """
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        if not isinstance(exc.code, int | None):
+            print(exc.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(BrokenPipeError):  # the reader went away (`... | head`)
+            stream.flush()
+    os._exit(code)

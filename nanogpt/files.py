@@ -8,8 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
 from nanogpt.errors import UserError
 
 
@@ -45,6 +43,8 @@ def write_json(path: Path | str, obj: Any) -> None:
 
 
 def torch_save(obj: Any, path: Path | str) -> None:
+    import torch  # here, not at the top: the download stage writes no tensors and starts faster without torch
+
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
 
@@ -54,6 +54,8 @@ def torch_load(path: Path | str, what: str) -> Any:
 
     A missing, truncated or foreign file raises a UserError that names the file and `what` it should be.
     """
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} {path} not found")

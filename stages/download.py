@@ -4,7 +4,7 @@ from pathlib import Path
 
 from nanogpt import stage
 from nanogpt.download import download
-from nanogpt.errors import exit_on_user_error
+from nanogpt.errors import exit_on_user_error, run_and_exit
 
 OUTPUT = Path("data/input.txt")
 
@@ -17,4 +17,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

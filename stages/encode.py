@@ -6,7 +6,7 @@ import torch
 
 from nanogpt import files, stage
 from nanogpt.data import read_corpus
-from nanogpt.errors import UserError, exit_on_user_error
+from nanogpt.errors import UserError, exit_on_user_error, run_and_exit
 from nanogpt.tokenizer import fit_tokenizer, save_tokenizer, split_text
 
 DATA = Path("data")
@@ -35,4 +35,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

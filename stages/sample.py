@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from nanogpt import stage
-from nanogpt.errors import exit_on_user_error
+from nanogpt.errors import exit_on_user_error, run_and_exit
 from nanogpt.sampling import SampleRun, run_sampling
 
 FLAGS = {
@@ -41,4 +41,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

@@ -7,7 +7,7 @@ import os
 import sys
 
 from nanogpt import stage
-from nanogpt.errors import exit_on_user_error
+from nanogpt.errors import exit_on_user_error, run_and_exit
 from nanogpt.train import Interrupted, train
 
 
@@ -26,4 +26,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)
