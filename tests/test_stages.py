@@ -6,6 +6,7 @@ compares the bytes of data/, out/ and metrics/ before and after.
 
 import http.server
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import torch
 
 from conftest import (
     DELETE,
+    PROJECT_ROOT,
     TINY_PARAMS,
     copy_project,
     make_corpus,
@@ -364,3 +366,28 @@ def test_prompt_and_generation_longer_than_block_size(trained: Path) -> None:
     text = (trained / "out" / "samples.txt").read_text()
     assert text.startswith(prompt)
     assert len(text) == len(prompt) + num_tokens + len("\n")
+
+
+def test_ctrl_c_while_sampling_ends_quietly_with_status_130(trained: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.sample", "--num_tokens", "1000000"],
+        cwd=trained,
+        env=tool_env(trained),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    before = snapshot(trained)
+    proc.stdout.read(5)  # it is generating
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert stderr.strip() == "interrupted"
+    assert snapshot(trained) == before  # nothing written
+
+
+def test_download_stage_does_not_load_torch() -> None:
+    """The download stage starts in a fraction of a second: it imports none of torch."""
+    code = "import sys, stages.download; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
