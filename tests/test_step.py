@@ -1,0 +1,141 @@
+"""One optimizer step (nanogpt/step.py): gradient accumulation, and on a GPU the captured step's equality
+with the eager one; and when the step is captured at all (nanogpt/runtime.py)."""
+
+import sys
+
+import pytest
+import torch
+
+from nanogpt import runtime
+from nanogpt.config import ModelConfig, TrainConfig
+from nanogpt.model import GPT
+from nanogpt.optim import build_optimizers, set_lr
+from nanogpt.step import CapturedStep, TrainStep, build_train_step
+
+
+def model_config(dropout: float = 0.0) -> ModelConfig:
+    return ModelConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=dropout, gradient_checkpointing=False)
+
+
+MODEL = model_config()
+TRAIN = TrainConfig(
+    batch_size=4,
+    learning_rate=1e-3,
+    max_iters=10,
+    warmup_iters=2,
+    min_lr=0.1,
+    weight_decay=0.1,
+    beta1=0.9,
+    beta2=0.99,
+    grad_clip=1.0,
+    optimizer="muon",
+    muon_learning_rate=0.02,
+    grad_accum_steps=1,
+    eval_interval=5,
+    eval_iters=None,
+    resume_interval=0,
+    device="cpu",
+    dtype="fp32",
+    compile=False,
+    compile_mode="reduce-overhead",
+    seed=0,
+    tensorboard=False,
+)
+VOCAB = 11
+
+
+def model_and_step(device: str, captured: bool = False, dropout: float = 0.0) -> tuple[GPT, TrainStep | CapturedStep]:
+    torch.manual_seed(0)
+    model = GPT(model_config(dropout), VOCAB).to(device)
+    optimizers = build_optimizers(model, TRAIN, torch.device(device), capturable=captured)
+    scaler = torch.amp.GradScaler(device.split(":", maxsplit=1)[0], enabled=False)
+    dtype = torch.float32
+    return model, build_train_step(model, optimizers, scaler, TRAIN, False, captured, dtype)
+
+
+def batch(n: int, seed: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    window = torch.randint(VOCAB, (n, MODEL.block_size + 1), generator=g)
+    return window[:, :-1].to(device), window[:, 1:].to(device)
+
+
+def test_two_micro_batches_give_the_step_of_one_batch_twice_the_size():
+    x, y = batch(8, seed=1)
+    whole_model, whole = model_and_step("cpu")
+    split_model, split = model_and_step("cpu")
+
+    loss_whole, norm_whole = whole([(x, y)])
+    loss_split, norm_split = split([(x[:4], y[:4]), (x[4:], y[4:])])
+
+    assert loss_split == pytest.approx(float(loss_whole), rel=1e-6)
+    assert norm_split == pytest.approx(float(norm_whole), rel=1e-5)
+    for a, b in zip(whole_model.parameters(), split_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_check_runs_before_the_update_and_can_stop_it():
+    model, step = model_and_step("cpu")
+    assert isinstance(step, TrainStep)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def refuse(loss: torch.Tensor, norm: torch.Tensor) -> None:
+        raise RuntimeError("stop")
+
+    step.check = refuse
+    with pytest.raises(RuntimeError, match="stop"):
+        step([batch(4, seed=2)])
+
+    for a, b in zip(before, model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize(
+    ("compile_mode", "dtype", "world_size", "checkpointing", "captured"),
+    [
+        ("reduce-overhead", torch.bfloat16, 1, False, True),
+        ("max-autotune", torch.float32, 1, False, True),
+        ("default", torch.bfloat16, 1, False, False),  # no CUDA graphs asked for
+        ("reduce-overhead", torch.float16, 1, False, False),  # the grad scaler checks overflow on the host
+        ("reduce-overhead", torch.bfloat16, 2, False, False),  # data parallel: torch.compile's own graphs
+        ("reduce-overhead", torch.bfloat16, 1, True, False),  # checkpointing saves RNG states on the host
+    ],
+)
+def test_when_the_whole_step_is_captured(compile_mode, dtype, world_size, checkpointing, captured):
+    assert runtime.captures_step(compile_mode, CUDA, dtype, world_size, checkpointing) is captured
+    assert runtime.captures_step(compile_mode, torch.device("cpu"), dtype, world_size, checkpointing) is False
+
+
+def test_auto_compiles_only_what_is_not_captured():
+    linux = sys.platform.startswith("linux")
+    assert runtime.resolve_compile("auto", CUDA, captured=False) is linux
+    assert runtime.resolve_compile("auto", CUDA, captured=True) is False
+    assert runtime.resolve_compile(True, CUDA, captured=True) is True
+    assert runtime.resolve_compile("auto", torch.device("cpu")) is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_captured_step_trains_like_the_eager_step(dropout):
+    """The same weights, batches and learning rates: the replayed graph computes the eager step's losses."""
+    device = "cuda"
+    eager_model, eager = model_and_step(device, dropout=dropout)
+    captured_model, captured = model_and_step(device, captured=True, dropout=dropout)
+    assert isinstance(captured, CapturedStep)
+    eager_opts = eager.optimizers
+    captured_opts = captured.step.optimizers
+    losses: dict[str, list[float]] = {"eager": [], "captured": []}
+    for name, step, opts in (("eager", eager, eager_opts), ("captured", captured, captured_opts)):
+        torch.manual_seed(5)  # dropout's random numbers: the same stream for both
+        torch.cuda.manual_seed(5)
+        for i in range(6):  # 2 eager warm-up steps, the capture, then replays
+            set_lr(opts, 0.5 + 0.1 * i)
+            loss, _ = step([batch(4, seed=10 + i, device=device)])
+            losses[name].append(float(loss))
+    assert captured.graph is not None
+    torch.testing.assert_close(losses["captured"], losses["eager"], rtol=1e-5, atol=1e-5)
+    for a, b in zip(eager_model.parameters(), captured_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
