@@ -170,12 +170,12 @@ def measure(
         config = None
     record("config", config.name if config else "params.yaml defaults")
     record("time_to_target_s", time_to_target(repo, env, config, target))
+    record("time_to_target_cold_s", time_to_target(repo, cold_ttt_env, config, target))
     record("sweep_jobs", jobs)
     sweeps: dict[str, float] = {}
     for j in jobs:
         sweeps[str(j)] = sweep(repo, env, j)
         record("sweep_wall_s", sweeps)
-    record("time_to_target_cold_s", time_to_target(repo, cold_ttt_env, config, target))
     return result
 
 
