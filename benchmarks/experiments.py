@@ -2,6 +2,7 @@
 
     python -m benchmarks.experiments --data /path/to/input.txt --name h200-experiments
     python -m benchmarks.experiments --data /path/to/input.txt --name h200-experiments --baseline /path/to/old
+    python -m benchmarks.experiments --table benchmarks/results/h200-experiments.json   # BENCHMARKS.md's table
 
 Works in scratch git repositories (one per code version), never in this workspace. For the code in this
 checkout, and for an older checkout given as --baseline, it measures:
@@ -179,10 +180,38 @@ def measure(
     return result
 
 
+def markdown_table(result: dict[str, Any]) -> str:
+    """The goals' rows of a result file, baseline beside this code, as BENCHMARKS.md shows them."""
+    base = result.get("baseline", {})
+
+    def cell(r: dict[str, Any], *keys: str) -> str:
+        value: Any = r
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        return "" if value is None else str(value)
+
+    rows = [
+        ("launch to val <= 1.47, warm (s)", ("time_to_target_s",)),
+        ("launch to val <= 1.47, empty compile caches (s)", ("time_to_target_cold_s",)),
+        ("config timed to the target", ("config",)),
+        ("default `dvc exp run`, first in a fresh repo, empty compile caches (s)", ("default_exp_cold", "wall_s")),
+        ("default `dvc exp run`, warm (s)", ("default_exp_warm", "wall_s")),
+        ("its steady step (ms)", ("default_exp_warm", "steady_step_ms")),
+        ("its fixed cost: wall - steps x steady step (s)", ("fixed_cost_s",)),
+        ("sample stage, launch to exit (s)", ("sample_stage_s",)),
+    ]
+    rows += [(f"8 queued 500-step experiments, -j {j} (s)", ("sweep_wall_s", str(j))) for j in (1, 2, 4)]
+    lines = ["| | before | after |", "|---|---|---|"]
+    lines += [f"| {label} | {cell(base, *keys)} | {cell(result, *keys)} |" for label, keys in rows]
+    stages = [f"{k} {v}" for k, v in result.get("default_exp_cold", {}).get("stages_s", {}).items()]
+    return "\n".join(lines) + "\n\nper stage, after, first run (s): " + ", ".join(stages) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help="a local copy of the corpus (read through file://)")
-    p.add_argument("--name", required=True, help="result file name (benchmarks/results/<name>.json)")
+    p.add_argument("--table", type=Path, help="print the markdown table of a result file and stop")
+    p.add_argument("--data", type=Path, help="a local copy of the corpus (read through file://)")
+    p.add_argument("--name", help="result file name (benchmarks/results/<name>.json)")
     p.add_argument("--baseline", type=Path, help="a checkout of the code to compare with (measured first)")
     p.add_argument("--jobs", default="1,2,4", help="worker counts for the 8-experiment queue")
     p.add_argument("--baseline-jobs", default="4", help="worker counts for the baseline's queue")
@@ -196,6 +225,11 @@ def main() -> None:
     p.add_argument("--target", type=float, default=1.47)
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args()
+    if args.table is not None:
+        print(markdown_table(json.loads(args.table.read_text())))
+        return
+    if args.data is None or args.name is None:
+        p.error("--data and --name are required")
 
     import torch
 
