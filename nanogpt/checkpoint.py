@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from nanogpt import files
-from nanogpt.config import ModelConfig
+from nanogpt.config import ModelConfig, problems
 from nanogpt.errors import UserError
 from nanogpt.model import GPT
 from nanogpt.tokenizer import Tokenizer, tokenizer_from_dict
@@ -51,6 +52,8 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tup
         model.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, RuntimeError) as exc:
         raise UserError(f"checkpoint {path} does not match the model code: {str(exc).splitlines()[0]}") from None
+    except ValidationError as exc:  # a model_config key that the code no longer has, lacks, or rejects
+        raise UserError(f"checkpoint {path} does not match the model code: {'; '.join(problems(exc))}") from None
     tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
     if tokenizer.vocab_size != model.vocab_size:
         raise UserError(

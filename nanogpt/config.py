@@ -1,94 +1,193 @@
-"""Typed view of params.yaml: parsed once, validated with every problem reported in one message.
+"""Typed view of params.yaml: parsed once, validated by pydantic, every problem reported in one message.
 
 params.yaml is the only place a default lives; these dataclasses have no defaults of their own, so a
-missing key is an error rather than a silent fallback.
+missing key is an error rather than a silent fallback. The same classes generate params.schema.json, the
+JSON schema that editors use to complete and check params.yaml: `python -m nanogpt.config --schema`.
 """
 
 import dataclasses
-import inspect
+import functools
+import json
 import re
-import types
-import typing
-from dataclasses import dataclass
+import sys
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic.dataclasses import dataclass
+from pydantic_core import PydanticCustomError
 
 from nanogpt.errors import UserError
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_URL_PATTERN = r"^(https?|file)://"
+_SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
+# what each pattern asks for, in the words of the error message
+_PATTERN_MEANS = {
+    _URL_PATTERN: "start with http://, https:// or file://",
+    _SHA256_PATTERN: "be 64 hex digits",
+    DEVICE_PATTERN.pattern: "be auto, cpu, cuda, cuda:N or mps",
+}
 
 
-@dataclass(frozen=True)
+def _yaml_float(value: Any) -> Any:
+    """Ints and YAML 1.1 number strings (PyYAML reads `3e-4` as a string) become floats; anything else is left
+    for the strict check to reject, so `true` or 'fast' is not a number."""
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+# Last in a float's Annotated[...]: before its constraints it would hide them from the JSON schema.
+_FROM_YAML = BeforeValidator(_yaml_float)
+
+
+def _key(description: str, **constraints: Any) -> Any:
+    """A field's description and constraints; both go into params.schema.json."""
+    return Field(description=description, **constraints)
+
+
+# extra="forbid": a misspelt key is an error, not ignored. Strictness is per field (StrictInt, StrictFloat, ...):
+# a strict dataclass would refuse the mapping that params.yaml is.
+_SECTION = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True, config=_SECTION)
 class DataConfig:
-    url: str
-    sha256: str
-    timeout: float  # seconds without a byte before a download attempt gives up
-    retries: int  # extra attempts after a transient failure (timeout, connection error, HTTP 5xx)
+    """Where the text comes from and how it is checked (stage download)."""
+
+    url: Annotated[StrictStr, _key("the text to train on: http://, https:// or file://", pattern=_URL_PATTERN)]
+    sha256: Annotated[StrictStr, _key("SHA-256 of the downloaded text, 64 hex digits", pattern=_SHA256_PATTERN)]
+    timeout: Annotated[StrictFloat, _key("seconds without a byte before a download attempt gives up", gt=0), _FROM_YAML]
+    retries: Annotated[
+        StrictInt, _key("extra attempts after a transient failure (timeout, connection error, HTTP 5xx)", ge=0)
+    ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class EncodeConfig:
-    val_fraction: float
-    tokenizer: Literal["char", "bpe"]
-    vocab_size: int  # BPE only; the char tokenizer's vocabulary is the set of characters
+    """How the text becomes token ids (stage encode)."""
+
+    val_fraction: Annotated[
+        StrictFloat, _key("the fraction of the text, at its end, held out for validation", gt=0, lt=1), _FROM_YAML
+    ]
+    tokenizer: Annotated[Literal["char", "bpe"], _key("char: one token per character; bpe: byte-level BPE")]
+    vocab_size: Annotated[
+        StrictInt, _key("bpe only: 256 byte tokens plus merges (char's vocabulary is its characters)", ge=257, le=65536)
+    ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class ModelConfig:
-    block_size: int
-    n_layer: int
-    n_head: int
-    n_embd: int
-    dropout: float
-    gradient_checkpointing: bool
+    """The transformer's shape (stage train; stored in the checkpoint)."""
+
+    block_size: Annotated[StrictInt, _key("context length in tokens", ge=1)]
+    n_layer: Annotated[StrictInt, _key("transformer blocks", ge=1)]
+    n_head: Annotated[StrictInt, _key("attention heads per block", ge=1)]
+    n_embd: Annotated[StrictInt, _key("embedding width, a multiple of n_head", ge=1)]
+    dropout: Annotated[StrictFloat, _key("dropout probability in training", ge=0, lt=1), _FROM_YAML]
+    gradient_checkpointing: Annotated[StrictBool, _key("recompute activations in the backward pass to save memory")]
+
+    @field_validator("n_embd")
+    @classmethod
+    def _divisible_by_n_head(cls, n_embd: int, info: ValidationInfo) -> int:
+        n_head = info.data.get("n_head")  # absent when n_head itself is invalid: that error is reported instead
+        if n_head is not None and n_embd % n_head:
+            raise PydanticCustomError(
+                "not_divisible",
+                "({n_embd}) must be divisible by model.n_head ({n_head})",
+                {"n_embd": n_embd, "n_head": n_head},
+            )
+        return n_embd
 
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class TrainConfig:
-    batch_size: int
-    learning_rate: float
-    max_iters: int
-    warmup_iters: int
-    min_lr: float  # fraction of learning_rate reached at the end of the cosine decay
-    weight_decay: float
-    beta1: float
-    beta2: float
-    grad_clip: float  # 0 turns clipping off
-    optimizer: Literal["adamw", "muon"]
-    muon_learning_rate: float  # for the hidden matrices when optimizer is muon
-    grad_accum_steps: int
-    eval_interval: int
-    eval_iters: int | None  # None: the whole validation split every evaluation
-    resume_interval: int  # steps between resume-state saves; 0 saves only on SIGINT/SIGTERM
-    device: str
-    dtype: Literal["auto", "bf16", "fp16", "fp32"]
-    compile: bool | Literal["auto"]
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-    seed: int
-    tensorboard: bool
+    """The training run (stage train)."""
+
+    batch_size: Annotated[StrictInt, _key("sequences per micro-step (per process)", ge=1)]
+    learning_rate: Annotated[
+        StrictFloat, _key("peak AdamW rate (embeddings and norms; everything with adamw)", gt=0), _FROM_YAML
+    ]
+    max_iters: Annotated[StrictInt, _key("optimizer steps", ge=1)]
+    warmup_iters: Annotated[StrictInt, _key("steps of linear warmup before the cosine decay", ge=0)]
+    min_lr: Annotated[
+        StrictFloat, _key("fraction of learning_rate reached at the end of the cosine decay", ge=0, le=1), _FROM_YAML
+    ]
+    weight_decay: Annotated[StrictFloat, _key("weight decay of the weight matrices", ge=0), _FROM_YAML]
+    beta1: Annotated[StrictFloat, _key("AdamW beta1", ge=0, lt=1), _FROM_YAML]
+    beta2: Annotated[StrictFloat, _key("AdamW beta2", ge=0, lt=1), _FROM_YAML]
+    grad_clip: Annotated[StrictFloat, _key("clip the gradient norm to this; 0 turns clipping off", ge=0), _FROM_YAML]
+    optimizer: Annotated[
+        Literal["adamw", "muon"], _key("muon: Muon for the blocks' matrices, AdamW for the rest; adamw: AdamW only")
+    ]
+    muon_learning_rate: Annotated[
+        StrictFloat, _key("Muon's rate for the hidden matrices when optimizer is muon", gt=0), _FROM_YAML
+    ]
+    grad_accum_steps: Annotated[StrictInt, _key("micro-steps per optimizer step", ge=1)]
+    eval_interval: Annotated[StrictInt, _key("steps between evaluations", ge=1)]
+    eval_iters: Annotated[
+        Annotated[StrictInt, Field(ge=1)] | None, _key("batches per evaluation; null: the whole validation split")
+    ]
+    resume_interval: Annotated[
+        StrictInt, _key("steps between resume-state saves; 0 saves only on SIGINT/SIGTERM", ge=0)
+    ]
+    device: Annotated[StrictStr, _key("auto, cpu, cuda, cuda:N or mps", pattern=DEVICE_PATTERN.pattern)]
+    dtype: Annotated[
+        Literal["auto", "bf16", "fp16", "fp32"],
+        _key("auto: bf16 where supported, else fp16 with a grad scaler; fp32 on a CPU"),
+    ]
+    compile: Annotated[StrictBool | Literal["auto"], _key("torch.compile the model; auto: on for CUDA on Linux")]
+    compile_mode: Annotated[
+        Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        _key("torch.compile mode; reduce-overhead replays CUDA graphs"),
+    ]
+    seed: Annotated[StrictInt, _key("random seed of the run")]
+    tensorboard: Annotated[StrictBool, _key("write TensorBoard event files under out/tensorboard")]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class SampleConfig:
-    prompt: str
-    num_tokens: int
-    num_samples: int
-    temperature: float
-    top_k: int | None
-    top_p: float | None
-    seed: int
-    quantize: Literal["int8"] | None  # int8 weights: faster sampling on a CPU
-    compile: bool  # torch.compile the decode step: faster steps after seconds of compiling
+    """Text generation from the best checkpoint (stage sample; flags of stages/sample.py override it)."""
+
+    prompt: Annotated[StrictStr, _key("the text that samples continue")]
+    num_tokens: Annotated[StrictInt, _key("tokens generated per sample", ge=0)]
+    num_samples: Annotated[StrictInt, _key("samples generated", ge=1)]
+    temperature: Annotated[StrictFloat, _key("softmax temperature; 0 is greedy", ge=0), _FROM_YAML]
+    top_k: Annotated[Annotated[StrictInt, Field(ge=1)] | None, _key("keep the k likeliest tokens; null: off")]
+    top_p: Annotated[
+        Annotated[StrictFloat, Field(gt=0, le=1), _FROM_YAML] | None,
+        _key("nucleus sampling: keep this much probability; null: off"),
+    ]
+    seed: Annotated[StrictInt, _key("random seed")]
+    quantize: Annotated[Literal["int8"] | None, _key("int8: int8 weights, faster sampling on a CPU; null: off")]
+    compile: Annotated[StrictBool, _key("torch.compile the decode step: faster steps after seconds of compiling")]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class Config:
+    """params.yaml: every setting of the pipeline, one section per stage. DVC tracks each key per stage."""
+
     data: DataConfig
     encode: EncodeConfig
     model: ModelConfig
@@ -125,161 +224,86 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> None:
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a Config from a plain mapping (the parsed params.yaml)."""
-    problems: list[str] = []
-    sections = {}
-    for field in dataclasses.fields(Config):
-        section_type = typing.get_type_hints(Config)[field.name]
-        values = raw.get(field.name)
-        if not isinstance(values, dict):
-            problems.append(f"missing section {field.name!r}")
-            continue
-        valid = _typed_values(section_type, field.name, values, problems)
-        problems.extend(_range_problems(field.name, valid))
-        if len(valid) == len(typing.get_type_hints(section_type)):
-            sections[field.name] = section_type(**valid)
-    for name in sorted(set(raw) - {f.name for f in dataclasses.fields(Config)}):
-        problems.append(f"unknown section {name!r}")
-    if problems:
-        raise UserError("invalid params: " + "; ".join(problems))
-    return Config(**sections)
+    try:
+        return _CONFIG.validate_python(raw)
+    except ValidationError as exc:
+        raise UserError("invalid params: " + "; ".join(problems(exc))) from None
 
 
-def _typed_values(cls: type, section: str, values: dict[str, Any], problems: list[str]) -> dict[str, Any]:
-    """The section's values that have the right type; a problem for each missing, mistyped or unknown key."""
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, hint in hints.items():
-        key = f"{section}.{name}"
-        if name not in values:
-            problems.append(f"missing {key}")
-            continue
-        ok, value = _coerce(values[name], hint)
-        if ok:
-            kwargs[name] = value
-        else:
-            problems.append(f"{key} must be {_describe(hint)}, got {values[name]!r}")
-    for name in sorted(set(values) - set(hints)):
-        problems.append(f"unknown parameter {section}.{name}")
-    return kwargs
+def problems(exc: ValidationError) -> list[str]:
+    """pydantic's errors, from validating a Config or one section, as one phrase per bad key that names the key
+    (`section.name`), the value and what is allowed: `train.batch_size must be >= 1, got 0`."""
+    found: dict[tuple[str | int, ...], str] = {}
+    for error in exc.errors():
+        loc = error["loc"] if exc.title == Config.__name__ else (_SECTION_NAMES[exc.title], *error["loc"])
+        if loc[:2] not in found:  # a union reports one error per option (true or false, 'auto'): one is enough
+            found[loc[:2]] = _problem(*map(str, loc[:2]), error=error)
+    return list(found.values())
 
 
-def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:  # noqa: PLR0911, PLR0912  one flat case per kind of hint
-    """Check `value` against a type hint; floats also accept ints and YAML 1.1 strings like '3e-4'."""
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        for option in typing.get_args(hint):
-            ok, coerced = _coerce(value, option)
-            if ok:
-                return True, coerced
-        return False, None
-    if origin is Literal:
-        return value in typing.get_args(hint), value
-    if hint is type(None):
-        return value is None, None
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        if isinstance(value, bool):
-            return False, None
-        if isinstance(value, (int, float)):
-            return True, float(value)
-        if isinstance(value, str):
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, None
-        return False, None
-    if hint is str:
-        return isinstance(value, str), value
-    raise TypeError(f"unsupported type hint {hint!r}")
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of params.yaml (params.schema.json): each key's type, constraints and description."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **_CONFIG.json_schema()}
 
 
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(option) for option in typing.get_args(hint))
-    if origin is Literal:
-        return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
-    if hint is type(None):
+_CONFIG = TypeAdapter(Config)
+_SECTIONS: dict[str, Any] = {field.name: field.type for field in dataclasses.fields(Config)}
+_SECTION_NAMES = {cls.__name__: name for name, cls in _SECTIONS.items()}
+_TYPE_WORDS = {"integer": "an integer", "number": "a number", "boolean": "true or false", "string": "a string"}
+
+
+def _problem(section: str, name: str = "", *, error: Any) -> str:
+    key, kind, value = f"{section}.{name}", error["type"], error["input"]
+    if kind in ("missing", "missing_argument"):
+        return f"missing {key}" if name else f"missing section {section!r}"
+    if kind == "unexpected_keyword_argument":
+        return f"unknown parameter {key}" if name else f"unknown section {section!r}"
+    if not name:
+        return f"section {section!r} must be a mapping of keys, got {value!r}"
+    if kind == "not_divisible":
+        return f"{key} {error['msg']}"
+    if kind == "string_pattern_mismatch":
+        return f"{key} must {_PATTERN_MEANS[error['ctx']['pattern']]}, got {value!r}"
+    schema = _section_schema(section)["properties"][name]
+    options = schema.get("anyOf", [schema])
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        allowed = [_range(option) for option in options]
+        allowed.sort(key=lambda words: words != "null")  # `null or >= 1`: the range last, next to the value
+    else:
+        allowed = [_kind(option) for option in options]
+    return f"{key} must be {' or '.join(allowed)}, got {value!r}"
+
+
+@functools.cache
+def _section_schema(section: str) -> dict[str, Any]:
+    return TypeAdapter(_SECTIONS[section]).json_schema()
+
+
+def _kind(option: dict[str, Any]) -> str:
+    """The type one option of a key's schema allows, in words: `an integer`, `one of 'char', 'bpe'`."""
+    if "enum" in option:
+        return "one of " + ", ".join(map(repr, option["enum"]))
+    if "const" in option:
+        return repr(option["const"])
+    return _TYPE_WORDS.get(option["type"], option["type"])
+
+
+def _range(option: dict[str, Any]) -> str:
+    """The values one option of a key's schema allows, in words: `>= 1`, `in [0, 1)`, `null`."""
+    if option["type"] == "null":
         return "null"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
+    low, high = (
+        option.get("minimum", option.get("exclusiveMinimum")),
+        option.get("maximum", option.get("exclusiveMaximum")),
+    )
+    if low is not None and high is not None:
+        return f"in {'[' if 'minimum' in option else '('}{low}, {high}{']' if 'maximum' in option else ')'}"
+    if low is not None:
+        return f"{'>=' if 'minimum' in option else '>'} {low}"
+    return f"{'<=' if 'maximum' in option else '<'} {high}"
 
 
-def _range_problems(section: str, valid: dict[str, Any]) -> list[str]:
-    """Messages of the section's rules that fail; a rule whose keys are missing or mistyped is skipped,
-    so a type error in one key hides no range error in another."""
-    problems = []
-    for rule, message in _RULES[section]:
-        names = inspect.signature(rule).parameters
-        if all(name in valid for name in names):
-            args = {name: valid[name] for name in names}
-            if not rule(**args):
-                problems.append(f"{section}.{message.format(**args)}")
-    return problems
-
-
-# Each rule is a predicate over some keys of a section (its parameter names) and the message when it fails.
-_RULES: dict[str, list[tuple[Any, str]]] = {
-    "data": [
-        (
-            lambda url: "://" in url and url.split("://")[0] in ("http", "https", "file"),
-            "url must start with http://, https:// or file://, got {url!r}",
-        ),
-        (
-            lambda sha256: re.fullmatch(r"[0-9a-fA-F]{64}", sha256) is not None,
-            "sha256 must be 64 hex digits, got {sha256!r}",
-        ),
-        (lambda timeout: timeout > 0, "timeout must be > 0, got {timeout}"),
-        (lambda retries: retries >= 0, "retries must be >= 0, got {retries}"),
-    ],
-    "encode": [
-        (lambda val_fraction: 0 < val_fraction < 1, "val_fraction must be in (0, 1), got {val_fraction}"),
-        (
-            lambda vocab_size: 257 <= vocab_size <= 65536,
-            "vocab_size must be in [257, 65536] (256 bytes plus merges), got {vocab_size}",
-        ),
-    ],
-    "model": [
-        (lambda block_size: block_size >= 1, "block_size must be >= 1, got {block_size}"),
-        (lambda n_layer: n_layer >= 1, "n_layer must be >= 1, got {n_layer}"),
-        (lambda n_head: n_head >= 1, "n_head must be >= 1, got {n_head}"),
-        (lambda n_embd: n_embd >= 1, "n_embd must be >= 1, got {n_embd}"),
-        (
-            lambda n_embd, n_head: n_head < 1 or n_embd % n_head == 0,
-            "n_embd ({n_embd}) must be divisible by model.n_head ({n_head})",
-        ),
-        (lambda dropout: 0 <= dropout < 1, "dropout must be in [0, 1), got {dropout}"),
-    ],
-    "train": [
-        (lambda batch_size: batch_size >= 1, "batch_size must be >= 1, got {batch_size}"),
-        (lambda learning_rate: learning_rate > 0, "learning_rate must be > 0, got {learning_rate}"),
-        (lambda muon_learning_rate: muon_learning_rate > 0, "muon_learning_rate must be > 0, got {muon_learning_rate}"),
-        (lambda max_iters: max_iters >= 1, "max_iters must be >= 1, got {max_iters}"),
-        (lambda warmup_iters: warmup_iters >= 0, "warmup_iters must be >= 0, got {warmup_iters}"),
-        (lambda min_lr: 0 <= min_lr <= 1, "min_lr must be in [0, 1] (a fraction of learning_rate), got {min_lr}"),
-        (lambda weight_decay: weight_decay >= 0, "weight_decay must be >= 0, got {weight_decay}"),
-        (lambda beta1: 0 <= beta1 < 1, "beta1 must be in [0, 1), got {beta1}"),
-        (lambda beta2: 0 <= beta2 < 1, "beta2 must be in [0, 1), got {beta2}"),
-        (lambda grad_clip: grad_clip >= 0, "grad_clip must be >= 0 (0 turns it off), got {grad_clip}"),
-        (lambda grad_accum_steps: grad_accum_steps >= 1, "grad_accum_steps must be >= 1, got {grad_accum_steps}"),
-        (lambda eval_interval: eval_interval >= 1, "eval_interval must be >= 1, got {eval_interval}"),
-        (
-            lambda eval_iters: eval_iters is None or eval_iters >= 1,
-            "eval_iters must be null (whole split) or >= 1, got {eval_iters}",
-        ),
-        (lambda resume_interval: resume_interval >= 0, "resume_interval must be >= 0, got {resume_interval}"),
-        (
-            lambda device: DEVICE_PATTERN.match(device) is not None,
-            "device must be auto, cpu, cuda, cuda:N or mps, got {device!r}",
-        ),
-    ],
-    "sample": [
-        (lambda num_tokens: num_tokens >= 0, "num_tokens must be >= 0, got {num_tokens}"),
-        (lambda num_samples: num_samples >= 1, "num_samples must be >= 1, got {num_samples}"),
-        (lambda temperature: temperature >= 0, "temperature must be >= 0 (0 is greedy), got {temperature}"),
-        (lambda top_k: top_k is None or top_k >= 1, "top_k must be null or >= 1, got {top_k}"),
-        (lambda top_p: top_p is None or 0 < top_p <= 1, "top_p must be null or in (0, 1], got {top_p}"),
-    ],
-}
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--schema"]:
+        sys.exit("usage: python -m nanogpt.config --schema > params.schema.json")
+    print(json.dumps(json_schema(), indent=2))

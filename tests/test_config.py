@@ -1,14 +1,22 @@
 """params.yaml is read once into typed dataclasses; every problem in it is reported in one message."""
 
+import itertools
+import json
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
 from nanogpt.config import load_config
 from nanogpt.errors import UserError
 
-REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+REPO = Path(__file__).resolve().parents[1]
+REPO_PARAMS = REPO / "params.yaml"
+SCHEMA = REPO / "params.schema.json"
 
 
 def write_params(
@@ -222,3 +230,82 @@ def test_missing_params_file_is_a_user_error(tmp_path):
     message = problems_of(path)
 
     assert str(path) in message and "not found" in message
+
+
+def schema_problems(params: dict[str, object]) -> list[str]:
+    """What a JSON-schema validator (as an editor runs one) finds wrong in `params`, per params.schema.json."""
+    schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
+    validator = jsonschema.Draft202012Validator(schema)
+    return [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(params)]
+
+
+def overrides_in(args_file: Path) -> dict[str, object]:
+    """The `-S key=value` pairs of a configs/*.args file, each value read as YAML (as `dvc exp run -S` reads it)."""
+    words = shlex.split(args_file.read_text(encoding="utf-8"), comments=True)
+    pairs = [value for flag, value in itertools.pairwise(words) if flag in ("-S", "--set-param")]
+    assert pairs, f"no -S key=value in {args_file}"
+    return {key: yaml.safe_load(value) for key, _, value in (pair.partition("=") for pair in pairs)}
+
+
+def test_committed_schema_is_what_the_models_generate():
+    generated = subprocess.run(
+        [sys.executable, "-m", "nanogpt.config", "--schema"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+
+    assert generated == SCHEMA.read_text(encoding="utf-8"), (
+        "params.schema.json is stale: python -m nanogpt.config --schema > params.schema.json"
+    )
+
+
+def test_params_yaml_points_editors_at_the_schema():
+    first_line = REPO_PARAMS.read_text(encoding="utf-8").splitlines()[0]
+
+    assert first_line == f"# yaml-language-server: $schema={SCHEMA.name}"
+
+
+def test_schema_describes_every_key_and_holds_no_defaults():
+    schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    sections = schema["$defs"].values()
+
+    # params.yaml is the only place a default lives (compile_mode's value "default" is no "default" key)
+    assert '"default":' not in SCHEMA.read_text(encoding="utf-8")
+    assert all(prop.get("description") for section in sections for prop in section["properties"].values())
+    assert all(section["additionalProperties"] is False for section in sections)
+
+
+def test_default_params_validate_against_the_schema():
+    assert schema_problems(yaml.safe_load(REPO_PARAMS.read_text(encoding="utf-8"))) == []
+
+
+@pytest.mark.parametrize("args_file", sorted((REPO / "configs").glob("*.args")), ids=lambda path: path.name)
+def test_each_configs_args_set_validates_against_the_schema(args_file):
+    raw = yaml.safe_load(REPO_PARAMS.read_text(encoding="utf-8"))
+    for key, value in overrides_in(args_file).items():
+        section, _, name = key.partition(".")
+        raw[section][name] = value
+
+    assert schema_problems(raw) == []
+    load_config(REPO_PARAMS, overrides_in(args_file))  # and the models accept it
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("train.batch_size", 0),
+        ("train.batch_size", True),
+        ("train.learning_rate", 0),
+        ("train.device", "tpu"),
+        ("encode.tokenizer", "word"),
+        ("sample.top_p", 1.5),
+        ("data.sha256", "abc"),
+        ("train.learnig_rate", 0.001),
+    ],
+)
+def test_schema_rejects_what_the_models_reject(name, value):
+    raw = yaml.safe_load(REPO_PARAMS.read_text(encoding="utf-8"))
+    section, _, key = name.partition(".")
+    raw[section][key] = value
+
+    assert schema_problems(raw)
+    assert name in problems_of(REPO_PARAMS, {name: value})
