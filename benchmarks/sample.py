@@ -24,8 +24,9 @@ import torch
 
 from nanogpt import runtime
 from nanogpt.checkpoint import load_checkpoint
+from nanogpt.engine import generate
 from nanogpt.errors import exit_on_user_error
-from nanogpt.generate import SamplingParams, generate, generate_reference
+from nanogpt.generate import SamplingParams, generate_reference
 from nanogpt.quantize import quantize_int8
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"

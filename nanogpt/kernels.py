@@ -1,9 +1,10 @@
-"""One Triton kernel for the GPU decode step: write the new key and value into the cache and attend, fused.
+"""The door to the fast decode attention: one Triton kernel that writes a decode step's new key and value into
+the KV cache and attends, fused.
 
-A decode step at batch 1 is a chain of ~80 tiny kernels, each bound by its launch and start-up latency, not
-by work. Per layer, PyTorch's way spends two of them on attention (the cache write, then SDPA: 9.3 us on an
-H100); this kernel does both in one (4.0 us; BENCHMARKS.md). Where Triton is missing (CPU-only installs, macOS, Windows)
-`decode_attention_supported` is False and the model uses SDPA.
+A decode step at batch 1 is a chain of tiny kernels, each bound by its launch and start-up latency rather
+than by its work; per layer this kernel takes the place of two (the cache write, then SDPA). BENCHMARKS.md
+has the timings. `decode_attention_supported` says where it runs: on a GPU with Triton. Elsewhere (CPU-only
+installs, macOS, Windows, older GPUs) it is False, and the model writes the cache and calls SDPA itself.
 """
 
 import functools
@@ -40,12 +41,13 @@ def _triton_supports(device_index: int) -> bool:
 def decode_attention(qkv: Tensor, kv: Tensor, position: Tensor) -> Tensor:
     """Attention of one new position per sequence, writing its key and value into the cache first.
 
-    qkv (B, 1, 3C): the new position's query, key and value, heads side by side (c_attn's output), in the
-    cache's dtype.
+    qkv (B, 1, 3C): the new position's query, key and value, heads side by side (c_attn's output); converted
+    to the cache's dtype.
     kv (2, B, H, max_len, hs): the cache, for which decode_attention_supported holds; position (1,): where
     the new key and value go. Each query sees the keys at positions 0..position. Returns (B, 1, C), heads
-    side by side, in qkv's dtype.
+    side by side, in the cache's dtype.
     """
+    qkv = qkv.to(kv.dtype)
     B, _, three_c = qkv.shape
     H, hs = kv.size(2), kv.size(4)
     out = torch.empty(B, 1, three_c // 3, dtype=qkv.dtype, device=qkv.device)

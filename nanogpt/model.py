@@ -1,7 +1,11 @@
 """The GPT of Karpathy's nanoGPT: pre-norm blocks of causal self-attention and a GELU MLP, tied LM head.
 
-Beyond nanoGPT: an optional key/value cache (static shapes, so a decode step can be compiled and
-captured as a CUDA graph) and optional gradient checkpointing of the blocks.
+Beyond nanoGPT: optional gradient checkpointing of the blocks, and a key/value cache for generation (KVCache,
+at the end: static shapes, so that a decode step can be compiled and captured as a CUDA graph). The fast path
+is one call: a decode step of one position per sequence goes to `nanogpt.kernels.decode_attention`, which writes
+the new key and value into the cache and attends in one fused GPU kernel; `nanogpt/kernels.py` also says where
+that kernel runs (elsewhere the step takes the SDPA path below). `nanogpt/engine.py` makes the caches and drives
+the decode steps.
 """
 
 import math
@@ -16,61 +20,33 @@ from nanogpt.config import ModelConfig
 from nanogpt.kernels import decode_attention, decode_attention_supported
 
 
-class KVCache(nn.Module):
-    """Keys and values of every position seen so far, preallocated to the full context length, in one buffer
-    (2, B, H, max_len, hs) so that a step writes both with one copy; and the attention mask of the positions.
-    Both are in the model's dtype (the mask's); under autocast the attention converts.
-
-    `mask` (max_len, max_len) is additive: row p is 0 for the keys a query at position p sees (0..p) and
-    -inf for the rest, stale entries included. The caches of a model's layers share one.
-    """
-
-    kv: Tensor  # buffers, declared for the type checker (register_buffer sets them)
-    mask: Tensor
-
-    def __init__(self, batch_size: int, n_head: int, head_size: int, mask: Tensor) -> None:
-        super().__init__()
-        shape = (2, batch_size, n_head, len(mask), head_size)
-        self.register_buffer("kv", torch.zeros(shape, dtype=mask.dtype, device=mask.device), persistent=False)
-        self.register_buffer("mask", mask, persistent=False)
-        self.decodes_fused = decode_attention_supported(self.kv)  # settled once: the buffer never changes
-
-    def fused(self, T: int) -> bool:
-        """Whether T new positions go through the fused decode kernel, which needs no mask: one at a time,
-        on a GPU with Triton."""
-        return T == 1 and self.decodes_fused
-
-    def update(self, input_pos: Tensor, kv: Tensor) -> tuple[Tensor, Tensor]:
-        """Write kv (2, B, H, T, hs) at positions `input_pos` (T,); return all keys and all values."""
-        self.kv.index_copy_(3, input_pos, kv.to(self.kv.dtype))
-        return self.kv[0], self.kv[1]
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)  # query, key and value of every head
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.kv_cache: KVCache | None = None
+        self.kv_cache: Tensor | None = None  # while generating: this layer's buffer of a KVCache
 
     def forward(self, x: Tensor, input_pos: Tensor, mask: Tensor | None = None) -> Tensor:
-        B, T, C = x.shape
-        if self.kv_cache is not None and self.kv_cache.fused(T):
-            kv = self.kv_cache.kv
-            return self.resid_dropout(self.c_proj(decode_attention(self.c_attn(x).to(kv.dtype), kv, input_pos)))
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hs)
-        q = qkv[0]
-        if self.kv_cache is None:
+        """x (B, T, C) at positions `input_pos` (T,). With a cache, `mask` holds the rows of KVCache.mask for
+        those positions, or is None for a decode step that kernels.decode_attention serves (KVCache.mask_rows)."""
+        B, T, C = x.shape  # batch size, sequence length, embedding size (n_embd)
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        heads = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        q, k, v = heads  # each (B, nh, T, hs)
+        if self.kv_cache is None:  # each position attends to itself and the positions before it
             dropout = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, qkv[1], qkv[2], dropout_p=dropout, is_causal=True)
-        else:
-            k, v = self.kv_cache.update(input_pos, qkv[1:])
-            # (type: ignore: with a cache that is not fused, GPT.forward always passes a mask)
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask.to(q.dtype))  # type: ignore[union-attr]
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, nh, T, hs)
+        elif mask is not None:  # generating: the new keys and values join the cache, the mask says who sees what
+            self.kv_cache.index_copy_(3, input_pos, heads[1:].to(self.kv_cache.dtype))
+            k, v = self.kv_cache[0], self.kv_cache[1]  # each (B, nh, block_size, hs)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask.to(q.dtype))
+        else:  # a decode step: the cache write and the attention in one call
+            return self.resid_dropout(self.c_proj(decode_attention(qkv, self.kv_cache, input_pos)))
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -115,11 +91,17 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        self.kv_cache: KVCache | None = None  # while generating (use_kv_cache)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def device(self) -> torch.device:
+        """The device the model's weights are on."""
+        return self.wte.weight.device
 
     def num_params(self) -> int:
         """Number of distinct parameters (the tied embedding counted once)."""
@@ -130,42 +112,54 @@ class GPT(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab) for token ids `idx` (B, T); the mean cross-entropy too when `targets` is given.
 
-        With caches set up (`setup_kv_cache`), `input_pos` (T,) gives the positions of `idx` in the cache.
+        With a cache in place (use_kv_cache), `input_pos` (T,) gives the positions of `idx` in the cache.
         """
         T = idx.size(1)
         if input_pos is None:
             if T > self.cfg.block_size:
                 raise ValueError(f"sequence of length {T} is longer than block_size {self.cfg.block_size}")
             input_pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(input_pos))
-        # (type: ignore: blocks[0] is a Block, which the type checker cannot know: ModuleList's items are Modules)
-        cache: KVCache | None = self.blocks[0].attn.kv_cache  # type: ignore[union-attr,assignment]
-        mask = None if cache is None or cache.fused(T) else cache.mask[input_pos][None, None]
+        x = self.drop(self.wte(idx) + self.wpe(input_pos))  # (B, T, C)
+        mask = None if self.kv_cache is None else self.kv_cache.mask_rows(input_pos)
         for block in self.blocks:
             if self.cfg.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, input_pos, mask, use_reentrant=False)
             else:
                 x = block(x, input_pos, mask)
-        logits = self.lm_head(self.ln_f(x))
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-    def setup_kv_cache(self, batch_size: int) -> list[KVCache]:
-        """Give every attention layer a cache for `batch_size` sequences of up to block_size positions; return them."""
-        ref = self.lm_head.weight
-        causal = torch.ones(self.cfg.block_size, self.cfg.block_size, dtype=torch.bool, device=ref.device).tril()
-        mask = torch.zeros(causal.shape, dtype=ref.dtype, device=ref.device).masked_fill(~causal, -math.inf)
-        caches = [KVCache(batch_size, self.cfg.n_head, self.cfg.head_size, mask) for _ in self.blocks]
-        self.attach_kv_cache(caches)
-        return caches
+    def use_kv_cache(self, cache: "KVCache | None") -> None:
+        """Attend through `cache` from now on, reading and extending it at the positions forward is given;
+        None: without a cache again, as in training."""
+        self.kv_cache = cache
+        for i, block in enumerate(self.blocks):
+            cast(Block, block).attn.kv_cache = None if cache is None else cache.kv[i]
 
-    def attach_kv_cache(self, caches: list[KVCache] | None) -> None:
-        """Put caches made by setup_kv_cache back in place (None: remove them)."""
-        slots: list[KVCache | None] = [*caches] if caches else [None] * len(self.blocks)
-        for block, cache in zip(self.blocks, slots, strict=True):
-            cast(Block, block).attn.kv_cache = cache
 
-    def drop_kv_cache(self) -> None:
-        self.attach_kv_cache(None)
+class KVCache:
+    """The keys and values of every position seen so far, in every layer, preallocated to the full context length;
+    and the attention mask of the positions. Both in the model's dtype; under autocast the attention converts.
+
+    Layer i's keys and values share one buffer `kv[i]` (2, B, nh, block_size, hs), so that a step writes both
+    with one copy. `mask` (block_size, block_size) is additive: row p is 0 for the keys a query at position p
+    sees (0..p) and -inf for the rest, stale entries included.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        causal = torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool, device=device).tril()
+        self.mask = torch.zeros(causal.shape, dtype=dtype, device=device).masked_fill(~causal, -math.inf)
+        shape = (2, batch_size, cfg.n_head, cfg.block_size, cfg.head_size)
+        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+        # whether kernels.decode_attention serves this cache: settled once, the buffers never change
+        self.decodes_in_kernel = decode_attention_supported(self.kv[0])
+
+    def mask_rows(self, input_pos: Tensor) -> Tensor | None:
+        """The mask's rows (1, 1, T, block_size) for queries at `input_pos` (T,); None for a decode step of one
+        position that kernels.decode_attention serves, which needs none."""
+        if len(input_pos) == 1 and self.decodes_in_kernel:
+            return None
+        return self.mask[input_pos][None, None]

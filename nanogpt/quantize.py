@@ -29,9 +29,9 @@ class Int8Linear(nn.Module):
         super().__init__()
         if linear.bias is not None:
             raise ValueError("Int8Linear quantizes bias-free linear layers only")
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8))
+        weight = linear.weight.detach().float()  # (out_features, in_features)
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight", torch.round(weight / scale[:, None]).to(torch.int8))
         self.register_buffer("scale", scale.to(torch.bfloat16))
 
     def forward(self, x: Tensor) -> Tensor:

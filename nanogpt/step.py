@@ -33,7 +33,7 @@ def build_train_step(
 ) -> "TrainStep | CapturedStep":
     """The optimizer step the config asks for: eager or torch.compiled, data-parallel when torch.distributed
     is initialised (torchrun), and captured as one CUDA graph when `captured` (runtime.captures_step)."""
-    device = next(model.parameters()).device
+    device = model.device
     ddp = None
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         from torch.nn.parallel import DistributedDataParallel  # imports all of torch.distributed: seconds

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from nanogpt import stage
 from nanogpt.errors import exit_on_user_error, run_and_exit
-from nanogpt.sampling import SampleRun, run_sampling
+from nanogpt.sample_stage import SampleRun, run_sampling
 
 FLAGS = {
     "prompt": str,

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nanogpt.config import ModelConfig
-from nanogpt.generate import SamplingParams, context_length, generate, generate_reference, logits_to_probs
+from nanogpt.engine import generate
+from nanogpt.generate import SamplingParams, context_length, generate_reference, logits_to_probs
 from nanogpt.model import GPT
 
 VOCAB = 13

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nanogpt.config import ModelConfig
+from nanogpt.engine import setup_kv_cache
 from nanogpt.model import GPT
 
 TINY = ModelConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, gradient_checkpointing=False)
@@ -108,13 +109,13 @@ def test_kv_cache_decode_matches_a_full_forward(device):
     prefill = 5
     full, _ = model(x)
 
-    model.setup_kv_cache(batch_size=3)
+    setup_kv_cache(model, batch_size=3)
     logits, _ = model(x[:, :prefill], input_pos=torch.arange(prefill, device=device))
     steps = [logits[:, -1]]
     for pos in range(prefill, 16):
         logits, _ = model(x[:, pos : pos + 1], input_pos=torch.tensor([pos], device=device))
         steps.append(logits[:, -1])
-    model.drop_kv_cache()
+    model.use_kv_cache(None)
 
     for pos, step in zip(range(prefill - 1, 16), steps, strict=True):
         torch.testing.assert_close(step, full[:, pos], rtol=0, atol=1e-5)
@@ -126,10 +127,10 @@ def test_kv_cache_prefill_overwrites_stale_entries():
     first, second = tokens(1, 16, seed=3), tokens(1, 8, seed=4)
     expected, _ = model(second)
 
-    model.setup_kv_cache(batch_size=1)
+    setup_kv_cache(model, batch_size=1)
     model(first, input_pos=torch.arange(16))
     logits, _ = model(second, input_pos=torch.arange(8))
-    model.drop_kv_cache()
+    model.use_kv_cache(None)
 
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
 
@@ -139,8 +140,8 @@ def test_drop_kv_cache_returns_to_the_plain_forward():
     x = tokens(2, 10)
     expected, _ = model(x)
 
-    model.setup_kv_cache(batch_size=2)
-    model.drop_kv_cache()
+    setup_kv_cache(model, batch_size=2)
+    model.use_kv_cache(None)
     logits, _ = model(x)
 
     assert torch.equal(logits, expected)

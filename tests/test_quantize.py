@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from nanogpt.config import ModelConfig
-from nanogpt.generate import SamplingParams, generate, logits_to_probs
+from nanogpt.engine import generate
+from nanogpt.generate import SamplingParams, logits_to_probs
 from nanogpt.model import GPT
 from nanogpt.quantize import Int8Linear, Int8MLP, quantize_int8
 

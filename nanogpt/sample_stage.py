@@ -10,8 +10,9 @@ import torch
 from nanogpt import files, runtime
 from nanogpt.checkpoint import load_checkpoint
 from nanogpt.config import SampleConfig
+from nanogpt.engine import generate
 from nanogpt.errors import UserError
-from nanogpt.generate import SamplingParams, generate
+from nanogpt.generate import SamplingParams
 from nanogpt.quantize import quantize_int8
 from nanogpt.tokenizer import Tokenizer, load_tokenizer
 
