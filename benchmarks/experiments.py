@@ -212,6 +212,7 @@ def main() -> None:
     p.add_argument("--table", type=Path, help="print the markdown table of a result file and stop")
     p.add_argument("--data", type=Path, help="a local copy of the corpus (read through file://)")
     p.add_argument("--name", help="result file name (benchmarks/results/<name>.json)")
+    p.add_argument("--source", type=Path, default=ROOT, help="the code to measure (default: this checkout)")
     p.add_argument("--baseline", type=Path, help="a checkout of the code to compare with (measured first)")
     p.add_argument("--jobs", default="1,2,4", help="worker counts for the 8-experiment queue")
     p.add_argument("--baseline-jobs", default="4", help="worker counts for the baseline's queue")
@@ -254,7 +255,7 @@ def main() -> None:
         (Path(tmp) / "new").mkdir()
         jobs = [int(j) for j in args.jobs.split(",")]
         new_out = args.results / f"{args.name}-partial.json"
-        result.update(measure(ROOT, Path(tmp) / "new", url, jobs, args.config, args.target, new_out))
+        result.update(measure(args.source, Path(tmp) / "new", url, jobs, args.config, args.target, new_out))
         new_out.unlink()
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "baseline"}, indent=1))
