@@ -137,7 +137,14 @@ def time_to_target(repo: Path, env: dict[str, str], config: Path | None, target:
 
 
 def measure(
-    source: Path, work: Path, data_url: str, jobs: list[int], config: Path | None, target: float, out: Path
+    source: Path,
+    work: Path,
+    data_url: str,
+    jobs: list[int],
+    config: Path | None,
+    target: float,
+    out: Path,
+    parts: tuple[str, ...] = ("exp", "ttt", "sweep"),
 ) -> dict[str, Any]:
     """Every measurement for the code in `source`; the results so far are rewritten to `out` after each."""
     repo = scratch_repo(source, work / "repo", data_url)
@@ -155,13 +162,16 @@ def measure(
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"{source.name}: {key} = {json.dumps(value)}", flush=True)
 
-    record("default_exp_cold", exp_run(repo, cold_env))
-    record("default_exp_warm", exp_run(repo, env, "train.seed=2"))
-    record("fixed_cost_s", result["default_exp_warm"]["fixed_cost_s"])
-    sample = [sys.executable, "-m", "stages.sample", "--vocab", "data/vocab.json", "--output", str(work / "s.txt")]
-    wall, _ = run([*sample, "--metrics", str(work / "sample.json")], repo, env)
-    record("sample_stage_s", round(wall, 2))
-    record("sample_metrics", json.loads((work / "sample.json").read_text()))
+    if "exp" in parts:
+        record("default_exp_cold", exp_run(repo, cold_env))
+        record("default_exp_warm", exp_run(repo, env, "train.seed=2"))
+        record("fixed_cost_s", result["default_exp_warm"]["fixed_cost_s"])
+        sample = [sys.executable, "-m", "stages.sample", "--vocab", "data/vocab.json", "--output", str(work / "s.txt")]
+        wall, _ = run([*sample, "--metrics", str(work / "sample.json")], repo, env)
+        record("sample_stage_s", round(wall, 2))
+        record("sample_metrics", json.loads((work / "sample.json").read_text()))
+    else:
+        run(["dvc", "exp", "run"], repo, env)  # the data the others need
     cold_ttt_env = {
         **env,
         "TORCHINDUCTOR_CACHE_DIR": str(work / "cold2-inductor"),
@@ -170,11 +180,12 @@ def measure(
     if config is not None and not config.exists():
         config = None
     record("config", config.name if config else "params.yaml defaults")
-    record("time_to_target_s", time_to_target(repo, env, config, target))
-    record("time_to_target_cold_s", time_to_target(repo, cold_ttt_env, config, target))
+    if "ttt" in parts:
+        record("time_to_target_s", time_to_target(repo, env, config, target))
+        record("time_to_target_cold_s", time_to_target(repo, cold_ttt_env, config, target))
     record("sweep_jobs", jobs)
     sweeps: dict[str, float] = {}
-    for j in jobs:
+    for j in jobs if "sweep" in parts else []:
         sweeps[str(j)] = sweep(repo, env, j)
         record("sweep_wall_s", sweeps)
     return result
@@ -224,6 +235,12 @@ def main() -> None:
     )
     p.add_argument("--baseline-config", type=Path, help="the baseline's -S overrides timed to the target")
     p.add_argument("--target", type=float, default=1.47)
+    p.add_argument(
+        "--parts",
+        default="exp,ttt,sweep",
+        help="what to measure: exp (one experiment, cold and warm, "
+        "and the sample stage), ttt (time to target), sweep (the queues)",
+    )
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args()
     if args.table is not None:
@@ -255,7 +272,8 @@ def main() -> None:
         (Path(tmp) / "new").mkdir()
         jobs = [int(j) for j in args.jobs.split(",")]
         new_out = args.results / f"{args.name}-partial.json"
-        result.update(measure(args.source, Path(tmp) / "new", url, jobs, args.config, args.target, new_out))
+        parts = tuple(args.parts.split(","))
+        result.update(measure(args.source, Path(tmp) / "new", url, jobs, args.config, args.target, new_out, parts))
         new_out.unlink()
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "baseline"}, indent=1))

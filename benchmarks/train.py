@@ -88,7 +88,8 @@ def run_stage(
         (work / "data").mkdir()
         for name in ("train.pt", "val.pt", "vocab.json"):
             shutil.copyfile(data_dir / name, work / "data" / name)
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1"}
         launched = time.perf_counter()
         proc = subprocess.Popen(
             stage_command(nproc), cwd=work, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
