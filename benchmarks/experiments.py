@@ -171,7 +171,7 @@ def measure(
         record("sample_stage_s", round(wall, 2))
         record("sample_metrics", json.loads((work / "sample.json").read_text()))
     else:
-        run(["dvc", "exp", "run"], repo, env)  # the data the others need
+        run(["dvc", "repro", "encode"], repo, env)  # the data the others need
     cold_ttt_env = {
         **env,
         "TORCHINDUCTOR_CACHE_DIR": str(work / "cold2-inductor"),
