@@ -39,23 +39,34 @@ BLOCK_PARAMS = {
     "mlp.c_fc.weight": ("mlp.c_fc.weight", True),
     "mlp.c_proj.weight": ("mlp.c_proj.weight", True),
 }
-TOP_PARAMS = {"wte.weight": "transformer.wte.weight", "wpe.weight": "transformer.wpe.weight"}
-TOP_PARAMS["ln_f.weight"] = "transformer.ln_f.weight"
+TOP_PARAMS = {
+    "wte.weight": "transformer.wte.weight",
+    "wpe.weight": "transformer.wpe.weight",
+    "ln_f.weight": "transformer.ln_f.weight",
+}
 TIED = "lm_head.weight"  # the same tensor as wte.weight; GPT-2 ties it through tie_word_embeddings
 
 
 def check_exportable(model: GPT) -> float:
     """Raise a one-line UserError naming the first option, parameter or layer that GPT-2 cannot represent.
-    Returns the layer norms' epsilon (GPT-2 has one for all of them)."""
+    Returns the layer norms' epsilon (GPT-2 has one for all of them).
+
+    What forward() computes (the GELU, the attention) is not visible here: tests/test_export.py compares the
+    logits with transformers' own.
+    """
     for option, value in dataclasses.asdict(model.cfg).items():
         if option not in GPT2_OPTIONS and option not in TRAINING_ONLY_OPTIONS:
             raise UserError(f"cannot export to GPT-2: model.{option} ({value!r}) has no GPT-2 equivalent")
     if model.lm_head.weight is not model.wte.weight:
         raise UserError("cannot export to GPT-2: lm_head is not tied to the token embedding (wte)")
     expected = {TIED, *TOP_PARAMS, *(f"blocks.{i}.{n}" for i in range(len(model.blocks)) for n in BLOCK_PARAMS)}
-    for name in model.state_dict():
+    names = model.state_dict().keys()
+    for name in names:
         if name not in expected:
             raise UserError(f"cannot export to GPT-2: parameter {name} has no GPT-2 equivalent")
+    missing = sorted(expected - names)
+    if missing:
+        raise UserError(f"cannot export to GPT-2: this model has no {missing[0]}, which GPT-2 needs")
     norms = {m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)}
     if len(norms) != 1:
         raise UserError(f"cannot export to GPT-2: its layer norms share one epsilon, this model's are {sorted(norms)}")
