@@ -1,0 +1,23 @@
+"""Stage 5: export out/ckpt.pt to out/hf/, a GPT2LMHeadModel folder that Hugging Face transformers loads
+(config, safetensors weights, tokenizer, generation config from the sample settings, model card)."""
+
+from pathlib import Path
+
+from nanogpt import stage
+from nanogpt.errors import exit_on_user_error
+from nanogpt.export import export_checkpoint
+
+
+@exit_on_user_error
+def main() -> None:
+    p = stage.parser(__doc__)
+    p.add_argument("--checkpoint", type=Path, default=Path("out/ckpt.pt"))
+    p.add_argument("--metrics", type=Path, default=Path("metrics/train.json"), help="the checkpoint's training summary")
+    p.add_argument("--output", type=Path, default=Path("out/hf"))
+    args = p.parse_args()
+    export_checkpoint(args.checkpoint, args.metrics, stage.config(args), args.output)
+    print(f"exported {args.checkpoint} to {args.output}/")
+
+
+if __name__ == "__main__":
+    main()
