@@ -1,6 +1,7 @@
 """The sample stage's work: load the checkpoint, check the prompt, generate, stream, write samples and speed."""
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -76,27 +77,59 @@ def run_sampling(cfg: SampleConfig, run: SampleRun, stream: TextIO | None) -> li
     if stream is not None and cfg.num_samples == 1:
         stream.write(cfg.prompt)
         streamer = TextStreamer(tokenizer, stream)
-    started = time.perf_counter()
+    clock = _ArrivalClock(streamer)
+    launched = runtime.seconds_since_launch()
     tokens = generate(
-        model, prompt, cfg.num_tokens, cfg.num_samples, params, cfg.seed, on_tokens=streamer, compile=cfg.compile
+        model, prompt, cfg.num_tokens, cfg.num_samples, params, cfg.seed, on_tokens=clock, compile=cfg.compile
     )
     runtime.synchronize(device)
-    seconds = time.perf_counter() - started
+    clock.finish()
     texts = [cfg.prompt + tokenizer.decode(row) for row in tokens.tolist()]
     if stream is not None:
         stream.write("\n" if streamer is not None else _join(texts))
     if run.output is not None:
         files.write_text(run.output, _join(texts))
     if run.metrics is not None:
-        files.write_json(
-            run.metrics,
-            {
-                "tokens_per_sec": round(cfg.num_tokens * cfg.num_samples / max(seconds, 1e-9)),
-                "num_tokens": cfg.num_tokens,
-                "num_samples": cfg.num_samples,
-            },
-        )
+        files.write_json(run.metrics, clock.metrics(cfg.num_tokens, cfg.num_samples, launched))
     return texts
+
+
+class _ArrivalClock:
+    """Passes new tokens on (to the streamer, if any) and notes when they arrive, so that the metrics can tell
+    the generation's set-up (caches, CUDA-graph capture, the first runs) from its steady decoding."""
+
+    def __init__(self, forward: Callable[[torch.Tensor], None] | None) -> None:
+        self.forward = forward
+        self.started = time.perf_counter()
+        self.first: tuple[float, int] | None = None  # (time, tokens per sample) of the first arrival
+        self.ended = self.started
+
+    def __call__(self, tokens: torch.Tensor) -> None:
+        if self.first is None:
+            self.first = (time.perf_counter(), tokens.size(1))
+        if self.forward is not None:
+            self.forward(tokens)
+
+    def finish(self) -> None:
+        self.ended = time.perf_counter()
+
+    def metrics(self, num_tokens: int, num_samples: int, launched: float | None) -> dict[str, float | int | None]:
+        """tokens_per_sec: the whole generation (set-up included); decode_tokens_per_sec: the tokens after the
+        first ones to arrive, over the time after their arrival; first_tokens_s: generation start to the first
+        tokens; startup_s: process launch to generation start (Python, torch, checkpoint)."""
+        total = self.ended - self.started
+        first_time, first_count = self.first or (self.ended, num_tokens)
+        rest = (num_tokens - first_count) * num_samples
+        return {
+            "tokens_per_sec": round(num_tokens * num_samples / max(total, 1e-9)),
+            "decode_tokens_per_sec": round(rest / (self.ended - first_time))
+            if rest and self.ended > first_time
+            else None,
+            "first_tokens_s": round(first_time - self.started, 3),
+            "startup_s": round(launched, 3) if launched is not None else None,
+            "num_tokens": num_tokens,
+            "num_samples": num_samples,
+        }
 
 
 def _join(texts: list[str]) -> str:

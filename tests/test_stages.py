@@ -391,3 +391,15 @@ def test_download_stage_does_not_load_torch() -> None:
     code = "import sys, stages.download; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_sample_metrics_tell_start_up_from_decoding(trained: Path) -> None:
+    proc = run_stage(trained, "sample", *SAMPLE, "--num_tokens", "200", check=False)
+    assert proc.returncode == 0, proc.stderr
+
+    metrics = json.loads((trained / "metrics" / "sample.json").read_text())
+
+    assert {"tokens_per_sec", "decode_tokens_per_sec", "first_tokens_s", "startup_s"} <= metrics.keys()
+    assert metrics["num_tokens"] == 200 and metrics["num_samples"] == 1
+    assert metrics["first_tokens_s"] >= 0 and metrics["startup_s"] > 0
+    assert metrics["decode_tokens_per_sec"] > 0  # tokens kept arriving after the first ones
