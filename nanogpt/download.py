@@ -15,6 +15,7 @@ from nanogpt.errors import UserError
 from nanogpt.progress import byte_progress
 
 CHUNK = 1 << 16
+MAX_WAIT = 30.0  # seconds between attempts at most, however many data.retries allows
 
 
 class _Transient(Exception):
@@ -33,7 +34,7 @@ def download(cfg: DataConfig, dest: Path | str) -> int:
         except _Transient as exc:
             if attempt == cfg.retries:
                 raise UserError(f"{exc} (after {cfg.retries + 1} attempts); {_offline_hint()}") from None
-            wait = 2.0**attempt
+            wait = min(2.0**attempt, MAX_WAIT)
             print(f"{exc}; retrying in {wait:.0f} s", flush=True)
             time.sleep(wait)
     raise AssertionError("unreachable")
@@ -67,7 +68,15 @@ def _chunks(cfg: DataConfig) -> Iterator[bytes]:
 
 
 def _file_chunks(url: str) -> Iterator[bytes]:
-    path = Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path))
+    parsed = urllib.parse.urlparse(url)
+    if parsed.netloc and parsed.netloc != "localhost":  # file://data/input.txt reads as host "data"
+        raise UserError(
+            f"data.url={url} is not an absolute file:// URL: file:// URLs need an absolute path, "
+            f"e.g. file:///path/to/{Path(parsed.path).name or 'input.txt'} (three slashes)"
+        )
+    path = Path(urllib.request.url2pathname(parsed.path))
+    if path.is_dir():
+        raise UserError(f"{path} is a directory (data.url={url}): point data.url at the text file")
     if not path.is_file():
         raise UserError(f"{path} not found (data.url={url}): point data.url at an existing file")
     with path.open("rb") as f, byte_progress(f"reading {path.name}", path.stat().st_size) as advance:

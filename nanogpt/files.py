@@ -16,12 +16,14 @@ def atomic_open(path: Path | str, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary file beside `path`; on success fsync it and rename it over `path`.
 
     On any exception (or a kill) the temporary file is removed or left under a `.tmp` name, and
-    `path` keeps its previous content.
+    `path` keeps its previous content. The file gets the mode a plain `open` would give it (0644 under the
+    usual umask 022), not the 0600 of a temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
@@ -31,6 +33,13 @@ def atomic_open(path: Path | str, mode: str = "wb") -> Iterator[IO[Any]]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, then putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: Path | str, text: str) -> None:
@@ -57,10 +66,15 @@ def torch_load(path: Path | str, what: str) -> Any:
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory: give the path of the file")
     if not path.is_file():
         raise UserError(f"{what} {path} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated or foreign files
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{what} {path} is corrupt or not a file this project wrote ({reason[:120]})") from None
+    except Exception:  # torch raises several types for truncated or foreign files
+        # torch's own message suggests weights_only=False, which would run code from the file: never pass it on
+        raise UserError(
+            f"{what} {path} is corrupt or not a file this project wrote (torch could not read it as plain tensors "
+            "and numbers): write it again with the stage that makes it"
+        ) from None

@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import pytest
 
+from nanogpt import download as download_module
 from nanogpt.config import DataConfig
 from nanogpt.download import download
 from nanogpt.errors import UserError
@@ -214,4 +215,31 @@ def test_file_url_with_the_wrong_sha_writes_nothing(tmp_path, dest):
     with pytest.raises(UserError, match="sha256"):
         download(cfg(source.as_uri()), dest)
 
+    assert_untouched(dest)
+
+
+def test_relative_file_url_shows_the_absolute_form(dest):
+    with pytest.raises(UserError) as info:
+        download(cfg("file://data/input.txt"), dest)
+
+    assert "absolute path" in str(info.value) and "file:///" in str(info.value)
+    assert_untouched(dest)
+
+
+def test_file_url_of_a_directory_says_so(tmp_path, dest):
+    with pytest.raises(UserError, match="is a directory"):
+        download(cfg(tmp_path.as_uri()), dest)
+    assert_untouched(dest)
+
+
+def test_retry_waits_are_capped(server, dest, monkeypatch):
+    """data.retries: 2000 must not mean waits of 2**1999 seconds."""
+    waits: list[float] = []
+    monkeypatch.setattr(download_module.time, "sleep", waits.append)
+    url, _ = server
+
+    with pytest.raises(UserError):
+        download(cfg(f"{url}/truncated.txt", retries=12), dest)
+
+    assert len(waits) == 12 and max(waits) == download_module.MAX_WAIT
     assert_untouched(dest)

@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import stat
 
 import pytest
 import torch
@@ -115,3 +116,31 @@ def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path):
 
     assert_user_error_names(path, "checkpoint")
     assert not marker.exists()
+
+
+def test_atomic_write_gives_the_mode_of_a_plain_open(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        files.write_text(tmp_path / "a.txt", "hello")
+        os.umask(0o077)
+        files.write_text(tmp_path / "b.txt", "hello")
+    finally:
+        os.umask(previous)
+
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "b.txt").stat().st_mode) == 0o600
+
+
+def test_loading_a_directory_says_so(tmp_path):
+    with pytest.raises(UserError, match="is a directory"):
+        files.torch_load(tmp_path, "checkpoint")
+
+
+def test_a_corrupt_file_never_suggests_unsafe_loading(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"not a checkpoint")
+
+    with pytest.raises(UserError) as info:
+        files.torch_load(path, "checkpoint")
+
+    assert "weights_only" not in str(info.value) and "corrupt" in str(info.value)
