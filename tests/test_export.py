@@ -20,9 +20,10 @@ import yaml
 from conftest import PROJECT_ROOT, make_corpus, tool_env
 from nanogpt.checkpoint import load_checkpoint, save_checkpoint
 from nanogpt.config import ModelConfig, load_config
+from nanogpt.engine import generate  # the project's sampler: the one import of it here
 from nanogpt.errors import UserError
 from nanogpt.export import export_checkpoint, export_hf
-from nanogpt.generate import SamplingParams, generate  # the project's sampler: the one import of it here
+from nanogpt.generate import SamplingParams
 from nanogpt.model import GPT
 from nanogpt.tokenizer import BpeTokenizer, CharTokenizer, Tokenizer
 
