@@ -55,9 +55,9 @@ def model_card(cfg: Config, model: GPT, tokenizer: Tokenizer, info: dict[str, An
 # nanogpt-dvc ({kind})
 
 A {kind} GPT with the architecture of Karpathy's [nanoGPT](https://github.com/karpathy/nanoGPT), trained by the
-nanogpt-dvc DVC pipeline (`download -> encode -> train -> sample -> export`)
-and exported as a `GPT2LMHeadModel`: {model.num_params():,} parameters, {m.n_layer} layers, {m.n_head} heads,
-{m.n_embd}-wide embeddings, a context of {m.block_size} tokens and a vocabulary of {model.vocab_size} tokens.
+nanogpt-dvc DVC pipeline (`download -> encode -> train -> sample`) and exported by `python -m stages.export` as a
+`GPT2LMHeadModel`: {model.num_params():,} parameters, {m.n_layer} layers, {m.n_head} heads, {m.n_embd}-wide embeddings,
+a context of {m.block_size} tokens and a vocabulary of {model.vocab_size} tokens.
 
 nanoGPT's GPT is GPT-2 without biases: the export writes GPT-2's biases as zeros, and sets the exact (erf) GELU
 (`activation_function: gelu`) that this model uses in place of GPT-2's tanh approximation. In fp32 the exported

@@ -2,7 +2,8 @@
 computes (logits, greedy text, tokens), for a char and a BPE checkpoint; anything it cannot represent is refused.
 
 The checkpoints are tiny models trained for a few dozen steps here, with a context long enough (128) for transformers
-to generate 100 tokens, which it does without sliding the window as this project's sampler does.
+to generate 100 tokens, which it does without sliding the window as this project's sampler does. One test runs the
+export as a user does, `python -m stages.export` after `dvc repro` (it is a command, not a pipeline stage).
 """
 
 import dataclasses
@@ -17,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import PROJECT_ROOT, make_corpus, tool_env
+from conftest import PROJECT_ROOT, git, make_corpus, run_stage, tool_env
 from nanogpt.checkpoint import load_checkpoint, save_checkpoint
 from nanogpt.config import ModelConfig, load_config
 from nanogpt.engine import generate  # the project's sampler: the one import of it here
@@ -71,6 +72,21 @@ def export(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     cfg = load_config(PARAMS, {**MODEL, "encode.tokenizer": kind, "encode.vocab_size": 300})
     export_checkpoint(checkpoint, summary, cfg, folder / "hf")
     return Export(folder / "hf", checkpoint, tokenizer, text)
+
+
+@pytest.mark.slow
+def test_the_export_command_after_dvc_repro_writes_a_folder_transformers_loads(reproduced_project: Path) -> None:
+    status = git(reproduced_project, "status", "--porcelain").stdout
+
+    run_stage(reproduced_project, "export")  # python -m stages.export, every path its default
+
+    hf = reproduced_project / "out/hf"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md"):
+        assert (hf / name).is_file(), name
+    model = transformers.GPT2LMHeadModel.from_pretrained(hf)
+    assert model.config.n_layer == 2  # conftest's tiny model
+    # out/hf/ is not a DVC output: git ignores it (and the export's temporary folders), so the workspace stays clean
+    assert git(reproduced_project, "status", "--porcelain").stdout == status
 
 
 def test_transformers_gives_the_same_logits(export: Export) -> None:

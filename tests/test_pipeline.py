@@ -36,10 +36,6 @@ OUTPUTS = (
     "data/vocab.json",
     "out/ckpt.pt",
     "out/samples.txt",
-    "out/hf/config.json",
-    "out/hf/model.safetensors",
-    "out/hf/tokenizer.json",
-    "out/hf/README.md",
     "metrics/train.json",
     "metrics/sample.json",
     "metrics/train_loss.tsv",
@@ -102,22 +98,21 @@ def test_repro_runs_every_stage_then_skips_them_all(project: Path, loopback_serv
 
 
 @pytest.mark.slow
-def test_sample_param_reruns_only_the_stages_that_read_it(reproduced_project: Path) -> None:
+def test_sample_param_reruns_only_sample(reproduced_project: Path) -> None:
     samples = (reproduced_project / "out/samples.txt").read_text(encoding="utf-8")
 
     result = dvc(reproduced_project, "exp", "run", "-S", "sample.temperature=0.5")
 
-    # export writes the sample settings into the Hugging Face generation config; train is untouched
-    assert_stages(result, {"sample", "export"})
+    assert_stages(result, {"sample"})
     assert (reproduced_project / "out/samples.txt").read_text(encoding="utf-8") != samples
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("override", ["train.learning_rate=0.002", "model.n_layer=1"])
-def test_train_or_model_param_reruns_train_sample_and_export(reproduced_project: Path, override: str) -> None:
+def test_train_or_model_param_reruns_train_and_sample(reproduced_project: Path, override: str) -> None:
     result = dvc(reproduced_project, "exp", "run", "-S", override)
 
-    assert_stages(result, {"train", "sample", "export"})
+    assert_stages(result, {"train", "sample"})
 
 
 @pytest.mark.slow
@@ -126,7 +121,7 @@ def test_encode_param_reruns_everything_but_download(reproduced_project: Path) -
 
     result = dvc(reproduced_project, "exp", "run", "-S", "encode.val_fraction=0.2")
 
-    assert_stages(result, {"encode", "train", "sample", "export"})
+    assert_stages(result, {"encode", "train", "sample"})
     assert (reproduced_project / "data/val.pt").stat().st_size > val_tokens
 
 
@@ -139,10 +134,9 @@ def test_code_change_in_training_reruns_train_not_data_stages(reproduced_project
     result = dvc(reproduced_project, "repro")
 
     # Seeded CPU training usually rewrites a byte-identical checkpoint after a comment-only change, and DVC then
-    # rightly skips sample; whichever happens, sample must follow the checkpoint. export reads the training summary
-    # too (its wall time changes with every run), so it always follows train.
+    # rightly skips sample; whichever happens, sample must follow the checkpoint.
     resampled = locked_md5(reproduced_project, "train", "out/ckpt.pt") != checkpoint
-    assert_stages(result, {"train", "sample", "export"} if resampled else {"train", "export"})
+    assert_stages(result, {"train", "sample"} if resampled else {"train"})
 
 
 @pytest.mark.slow

@@ -43,7 +43,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory, _reproduced_template: Path)
 
 @pytest.mark.slow
 def test_a_clone_pulls_the_outputs_and_samples_the_same_text(shared: Shared) -> None:
-    for name in ("out/ckpt.pt", "data/vocab.json", "out/hf/model.safetensors", "out/hf/README.md"):
+    for name in ("out/ckpt.pt", "data/vocab.json"):
         assert md5(shared.clone / name) == md5(shared.project / name), name
     assert not (shared.clone / "out/resume").exists()  # resume state is the trainer's, not shared
 
