@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BeforeValidator,
     ConfigDict,
     Field,
@@ -52,6 +53,29 @@ def _yaml_float(value: Any) -> Any:
         except ValueError:
             return value
     return value
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+_ESCAPE = re.compile(r"\\(.?)", re.DOTALL)  # a backslash and the character after it, if any
+
+
+def unescape(text: str) -> str:
+    r"""Replace the escapes `\n`, `\t` and `\\` in text with a newline, a tab and a backslash.
+
+    A shell passes `--prompt "\n"` as a backslash and an n, and `dvc exp run -S 'sample.prompt=\n'` writes them
+    to params.yaml, so the prompt is unescaped where the param is read (params.yaml's "\n" in double quotes is
+    already a newline and has no backslash left). Any other backslash is an error that names it rather than a
+    guess: a typo such as `\m` is caught, and an escape added later cannot change what a prompt meant.
+    """
+    unknown = sorted({m.group(0) for m in _ESCAPE.finditer(text) if m.group(1) not in _ESCAPES})
+    if unknown:
+        named = ", ".join(escape if len(escape) == 2 else "\\ at the end" for escape in unknown)
+        raise PydanticCustomError(
+            "unknown_escape",
+            "has {what} {named}: use \\n (newline), \\t (tab) or \\\\ (a backslash)",
+            {"what": "an unknown escape" if len(unknown) == 1 else "unknown escapes", "named": named},
+        )
+    return _ESCAPE.sub(lambda m: _ESCAPES[m.group(1)], text)
 
 
 # Last in a float's Annotated[...]: before its constraints it would hide them from the JSON schema.
@@ -170,7 +194,11 @@ class TrainConfig:
 class SampleConfig:
     """Text generation from the best checkpoint (stage sample; flags of stages/sample.py override it)."""
 
-    prompt: Annotated[StrictStr, _key("the text that samples continue")]
+    prompt: Annotated[
+        StrictStr,
+        AfterValidator(unescape),
+        _key("the text that samples continue; \\n, \\t and \\\\ stand for a newline, a tab and a backslash"),
+    ]
     num_tokens: Annotated[StrictInt, _key("tokens generated per sample", ge=0)]
     num_samples: Annotated[StrictInt, _key("samples generated", ge=1)]
     temperature: Annotated[StrictFloat, _key("softmax temperature; 0 is greedy", ge=0), _FROM_YAML]
@@ -260,7 +288,7 @@ def _problem(section: str, name: str = "", *, error: Any) -> str:
         return f"unknown parameter {key}" if name else f"unknown section {section!r}"
     if not name:
         return f"section {section!r} must be a mapping of keys, got {value!r}"
-    if kind == "not_divisible":
+    if kind in ("not_divisible", "unknown_escape"):
         return f"{key} {error['msg']}"
     if kind == "string_pattern_mismatch":
         return f"{key} must {_PATTERN_MEANS[error['ctx']['pattern']]}, got {value!r}"

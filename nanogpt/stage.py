@@ -1,11 +1,16 @@
 """What every stage entrypoint shares: the --params flag and the one-line error handling."""
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from nanogpt.config import Config, load_config
 from nanogpt.errors import UserError
+
+T = TypeVar("T")
+
+OFF = ("none", "null")  # what a flag takes to turn off an optional param (params.yaml writes null)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -15,9 +20,21 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    p = _Parser(description=description)
+    """A stage's parser; --help shows `description` (the stage's docstring) as written, example lines included."""
+    p = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameters file (default: params.yaml)")
     return p
+
+
+def optional(kind: Callable[[str], T]) -> Callable[[str], T | None]:
+    """An argparse type for a flag that stands for an optional param: `none` or `null` is None, the param's off, so
+    the flag can turn off what params.yaml turns on; anything else is converted by `kind`."""
+
+    def convert(text: str) -> T | None:
+        return None if text.lower() in OFF else kind(text)
+
+    convert.__name__ = getattr(kind, "__name__", "value")  # argparse's error names it: `invalid int value: 'x'`
+    return convert
 
 
 def config(args: argparse.Namespace, overrides: dict[str, object] | None = None) -> Config:

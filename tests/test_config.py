@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -75,6 +76,28 @@ def test_dotted_overrides_replace_single_values():
     assert cfg.model.n_layer == 2
     assert cfg.sample.top_k == 5
     assert cfg.train.batch_size == 64  # untouched
+
+
+@pytest.mark.parametrize(
+    ("typed", "meant"),
+    [
+        ("\n", "\n"),  # params.yaml's "\n": a newline already, nothing to unescape
+        ("\\n", "\n"),  # what a shell passes for --prompt "\n", and dvc exp run -S 'sample.prompt=\n' writes
+        ("ROMEO:\\tJULIET:\\n", "ROMEO:\tJULIET:\n"),
+        ("a\\\\nb", "a\\nb"),  # \\ is one backslash, and the n after it stays an n
+    ],
+)
+def test_prompt_escapes_mean_newline_tab_and_backslash(typed, meant):
+    assert load_config(REPO_PARAMS, {"sample.prompt": typed}).sample.prompt == meant
+
+
+@pytest.mark.parametrize(
+    ("typed", "named"),
+    [("a\\mb\\q", "has unknown escapes \\m, \\q"), ("ends with \\", "has an unknown escape \\ at the end")],
+)
+def test_unknown_prompt_escapes_are_named(typed, named):
+    with pytest.raises(UserError, match="sample.prompt " + re.escape(named) + r": use \\n \(newline\)"):
+        load_config(REPO_PARAMS, {"sample.prompt": typed})
 
 
 def test_override_of_unknown_section_is_rejected():

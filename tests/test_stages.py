@@ -4,6 +4,7 @@ Every test runs a stage as a subprocess (`python -m stages.<name>`) in a copy of
 compares the bytes of data/, out/ and metrics/ before and after.
 """
 
+import dataclasses
 import http.server
 import json
 import signal
@@ -29,6 +30,7 @@ from conftest import (
     snapshot,
     tool_env,
 )
+from nanogpt.config import SampleConfig
 
 # Dropout on, as in a real run; 20 steps leave a checkpoint from the last evaluation.
 OVERRIDES = {"model.dropout": 0.1, "train.max_iters": 20}
@@ -254,11 +256,13 @@ SAMPLE_CASES = {
     "num_tokens not a number": (["--num_tokens", "abc"], ["argument --num_tokens", "'abc'", "--help"]),
     "num_samples 0": (["--num_samples", "0"], ["sample.num_samples must be >= 1, got 0"]),
     "top_k 0": (["--top_k", "0"], ["sample.top_k must be null or >= 1, got 0"]),
+    "top_k neither a number nor none": (["--top_k", "off"], ["argument --top_k", "'off'", "--help"]),
     "top_p 0": (["--top_p", "0"], ["sample.top_p must be null or in (0, 1], got 0.0"]),
     "top_p 1.5": (["--top_p", "1.5"], ["sample.top_p must be null or in (0, 1], got 1.5"]),
     "negative temperature": (["--temperature", "-1"], ["sample.temperature must be >= 0", "got -1.0"]),
     "unknown device": (["--device", "tpu"], ["--device", "'tpu'"]),
     "unknown quantization": (["--quantize", "int4"], ["sample.quantize must be", "'int4'"]),
+    "unknown escape in the prompt": (["--prompt", "ROMEO\\q"], ["sample.prompt has an unknown escape \\q"]),
     "missing checkpoint": (["--checkpoint", "out/missing.pt"], ["checkpoint out/missing.pt not found"]),
     "missing vocabulary": (["--vocab", "data/missing.json"], ["vocabulary data/missing.json not found"]),
 }
@@ -274,6 +278,63 @@ def test_sampling_on_cuda_without_it(trained: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     run_expecting_error(trained, "sample", [*SAMPLE, "--device", "cuda"], "--device is 'cuda'", "no CUDA device")
+
+
+# ---------------------------------------------------------------- the original README's commands
+
+ORIGINAL_COMMAND = (
+    r'python stages/sample.py --checkpoint out/ckpt.pt --prompt "\n" --num_tokens 500 --temperature 1.0 --top_k 40'
+)
+
+
+def shell(project: Path, command: str) -> subprocess.CompletedProcess[str]:
+    """`command` as a user types it, through bash, so the shell's quoting applies, in `project`."""
+    # `python stages/sample.py` puts stages/ on sys.path, not the project, so nanogpt would come from wherever the
+    # test interpreter installed it; a user's checkout finds its own (pip install -e .), and so does this copy
+    env = {**tool_env(project), "PYTHONPATH": str(project)}
+    return subprocess.run(
+        ["bash", "-c", command], cwd=project, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+
+
+def test_original_readme_sample_command_works_as_typed(trained: Path) -> None:
+    proc = shell(trained, ORIGINAL_COMMAND)
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("\n")  # the prompt "\n" is a newline, and it starts the sample
+    assert len(proc.stdout) == 1 + 500 + 1  # prompt, tokens of a char model, the closing newline
+
+
+def test_none_turns_off_what_params_yaml_turns_on(trained: Path) -> None:
+    sample = "python stages/sample.py --num_tokens 60 --device cpu"  # int8 is for the CPU
+    off = shell(trained, sample)  # TINY_PARAMS: top_k, top_p and quantize off
+    set_params(trained / "params.yaml", {"sample.top_k": 1, "sample.top_p": 0.5, "sample.quantize": "int8"})
+    on = shell(trained, sample)
+    turned_off = shell(trained, f"{sample} --top_k none --top_p null --quantize none")
+
+    assert off.returncode == on.returncode == turned_off.returncode == 0, off.stderr + on.stderr + turned_off.stderr
+    assert on.stdout != off.stdout  # params.yaml's settings took effect...
+    assert turned_off.stdout == off.stdout  # ...and the flags turned every one of them off again
+
+
+def test_double_backslash_in_the_prompt_is_one_backslash(trained: Path) -> None:
+    proc = shell(trained, r"python stages/sample.py --prompt 'ROMEO\\nJULIET'")
+
+    # the char vocabulary has no backslash: the error names one, so \\n stayed a backslash and an n
+    assert_user_error(proc, "outside the vocabulary: '\\\\'")
+
+
+def test_help_shows_its_examples_as_written_and_every_flag() -> None:
+    proc = shell(PROJECT_ROOT, "python stages/sample.py --help")
+
+    assert proc.returncode == 0, proc.stderr
+    assert f"\n    {ORIGINAL_COMMAND}\n" in proc.stdout
+    assert (
+        '\n    python stages/sample.py --prompt "ROMEO:" --num_tokens 500 --temperature 0.8 --top_k 40\n' in proc.stdout
+    )
+    for field in dataclasses.fields(SampleConfig):
+        assert f"--{field.name}" in proc.stdout
+    assert "--compile" in proc.stdout
 
 
 def _truncated(ckpt: Path) -> bytes:
