@@ -372,7 +372,6 @@ def _failing_save(fail_after: int):
 def test_failed_checkpoint_save_keeps_previous_checkpoint(
     trained_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from nanogpt import files
     from nanogpt.checkpoint import load_checkpoint, save_checkpoint
 
     out = copy_project(trained_project, tmp_path / "project") / "out"
@@ -382,7 +381,7 @@ def test_failed_checkpoint_save_keeps_previous_checkpoint(
         for p in model.parameters():
             p.add_(1.0)
 
-    monkeypatch.setattr(files.torch, "save", _failing_save(fail_after=len(before) // 2))
+    monkeypatch.setattr(torch, "save", _failing_save(fail_after=len(before) // 2))
     with pytest.raises(OSError):
         save_checkpoint(out / "ckpt.pt", model, tokenizer, step=meta["step"] + 1, val_loss=0.0)
     monkeypatch.undo()
@@ -397,7 +396,6 @@ def test_failed_checkpoint_save_keeps_previous_checkpoint(
 KILLED_MID_SAVE = """
 import io, sys, time
 import torch
-from nanogpt import files
 from nanogpt.checkpoint import load_checkpoint, save_checkpoint
 
 real_save = torch.save
@@ -410,7 +408,7 @@ def save_half_then_hang(obj, f):
     time.sleep(600)
 
 model, tokenizer, meta = load_checkpoint("out/ckpt.pt")
-files.torch.save = save_half_then_hang
+torch.save = save_half_then_hang  # files.torch_save imports torch when it saves
 save_checkpoint("out/ckpt.pt", model, tokenizer, meta["step"] + 1, 0.0)
 """
 
