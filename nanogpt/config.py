@@ -297,9 +297,10 @@ def _problem(section: str, name: str = "", *, error: Any) -> str:
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         allowed = [_range(option) for option in options]
         allowed.sort(key=lambda words: words != "null")  # `null or >= 1`: the range last, next to the value
+        meaning = f" ({schema['description']})" if "description" in schema else ""  # e.g. "0 is greedy"
     else:
-        allowed = [_kind(option) for option in options]
-    return f"{key} must be {' or '.join(allowed)}, got {value!r}"
+        allowed, meaning = [_kind(option) for option in options], ""
+    return f"{key} must be {' or '.join(allowed)}, got {value!r}{meaning}"
 
 
 @functools.cache
