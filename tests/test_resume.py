@@ -465,14 +465,21 @@ def recording_replace(src, dst, *args, **kwargs):
     renames.append([os.fspath(src), os.fspath(dst)])
     return real_replace(src, dst, *args, **kwargs)
 
+def dump():
+    with real_open("writes.json", "w") as f:
+        json.dump({"writes": writes, "renames": renames}, f)
+
+def dump_then_exit(code, real_exit=os._exit):  # a stage ends its process with os._exit once its outputs are written
+    dump()
+    real_exit(code)
+
 builtins.open = io.open = recording_open
-os.open, os.replace = recording_os_open, recording_replace
+os.open, os.replace, os._exit = recording_os_open, recording_replace, dump_then_exit
 stage, sys.argv = sys.argv[1], sys.argv[1:]
 try:
     runpy.run_module(f"stages.{stage}", run_name="__main__", alter_sys=True)
 finally:
-    with real_open("writes.json", "w") as f:
-        json.dump({"writes": writes, "renames": renames}, f)
+    dump()
 """
 
 ATOMIC_OUTPUTS = {
