@@ -1,12 +1,15 @@
 """The training loop's optional outputs: TensorBoard event files next to the DVC metrics."""
 
+import csv
 import dataclasses
 from pathlib import Path
 
+import pytest
 import torch
 
 from nanogpt import files
 from nanogpt.config import load_config
+from nanogpt.optim import lr_factor
 from nanogpt.tokenizer import CharTokenizer, save_tokenizer, split_text
 from nanogpt.train import TrainPaths, train
 
@@ -72,3 +75,25 @@ def test_no_tensorboard_folder_by_default(tmp_path):
 
     assert not (tmp_path / "out/tensorboard").exists()
     assert (tmp_path / "out/ckpt.pt").exists()
+
+
+def test_the_logged_lr_is_the_one_the_optimizer_used(tmp_path):
+    """train_loss.tsv's lr column is read from the optimizer's param group after each step (what set_lr wrote),
+    so a loop that stops applying the schedule shows there."""
+    encoded_data(tmp_path / "data")
+    paths = TrainPaths(
+        tmp_path / "data", tmp_path / "ckpt.pt", tmp_path / "resume", tmp_path / "metrics", tmp_path / "tb"
+    )
+    overrides = {**TINY, "train.max_iters": 8, "train.warmup_iters": 2, "train.min_lr": 0.1}
+    cfg = load_config(REPO_PARAMS, {**overrides, "train.learning_rate": 2e-3})
+
+    train(cfg, paths, show_progress=False)
+
+    with open(tmp_path / "metrics/train_loss.tsv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert [int(row["step"]) for row in rows] == list(range(1, 9))  # row n is optimizer step n - 1
+    logged = [float(row["lr"]) for row in rows]
+    expected = [lr_factor(step, cfg.train) * 2e-3 for step in range(8)]
+    # warmup, peak, cosine decay and its floor: the schedule reaches both ends
+    assert expected[0] < expected[2] == pytest.approx(2e-3) and expected[-1] < 0.5 * 2e-3
+    assert logged == pytest.approx(expected, rel=1e-5)  # the tsv keeps 6 significant digits
