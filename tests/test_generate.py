@@ -271,3 +271,13 @@ def test_a_later_generation_reads_the_weights_as_they_are_then(model, device):
     assert torch.equal(
         generate(model, [1, 2], 30, 1, PLAIN, seed=0), generate_reference(model, [1, 2], 30, 1, PLAIN, seed=0)
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("params", [GREEDY, TOP_P], ids=["greedy", "top_p"])
+def test_compiled_generation_matches_the_reference(model, params):
+    """generate(..., compile=True) fuses the decode step with torch.compile (the CPU's C++ backend here): the
+    same tokens as the reference, past block_size."""
+    cached = generate(model, [1, 2, 3], 40, 2, params, seed=7, compile=True)
+
+    assert torch.equal(cached, generate_reference(model, [1, 2, 3], 40, 2, params, seed=7))
