@@ -125,21 +125,26 @@ class TrainData:
 
 
 class StepSeries:
-    """Each step's loss and gradient norm, kept on the device since the last flush (no host sync per step)."""
+    """Each step's loss, gradient norm and learning rate, kept on the device since the last flush (no host sync
+    per step)."""
 
     def __init__(self, capacity: int, device: torch.device, start: int) -> None:
         self.losses = torch.zeros(capacity, device=device)
         self.norms = torch.zeros(capacity, device=device)
+        # float64 where the device has it: a group's float lr is logged as set_lr wrote it
+        self.lrs = torch.zeros(capacity, device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
         self.flushed = start  # steps before this one were read back
 
-    def record(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
-        self.losses[step - self.flushed], self.norms[step - self.flushed] = loss, norm
+    def record(self, step: int, loss: torch.Tensor, norm: torch.Tensor, lr: float | torch.Tensor) -> None:
+        """`lr`: the rate the optimizer used, a float or a 0-d device tensor (copied on the device)."""
+        i = step - self.flushed
+        self.losses[i], self.norms[i], self.lrs[i] = loss, norm, lr
 
-    def read(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The losses and norms of the steps since the last read, up to `end`."""
+    def read(self, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The losses, norms and learning rates of the steps since the last read, up to `end`."""
         n = end - self.flushed
         self.flushed = end
-        return self.losses[:n], self.norms[:n]
+        return self.losses[:n], self.norms[:n], self.lrs[:n]
 
 
 @dataclass
@@ -295,19 +300,19 @@ class Trainer:
         loss, norm = self.train_step_fn(
             self.data.batches(self.learner.batch_rng, train.batch_size, train.grad_accum_steps, self.dist)
         )
-        self.series.record(self.step, loss, norm)
+        # the rate the optimizer read (AdamW's, learning_rate's schedule), not a recomputed one
+        self.series.record(self.step, loss, norm, self.learner.optimizers[0].param_groups[0]["lr"])
         self.step += 1
         self.log.progress.step(self.step)
 
     def _flush(self) -> None:
         """Check the steps since the last flush for non-finite values and log their losses (one host sync)."""
         first = self.series.flushed
-        losses, norms = self.series.read(self.step)
+        losses, norms, lrs = self.series.read(self.step)
         self._check_finite(first, losses, norms)
         # each rank holds the loss of its own share of the batch: log the mean, the whole batch's loss
         values = distributed.all_reduce_sum(losses.clone(), self.dist) / self.dist.world_size
-        lrs = [lr_factor(step, self.cfg.train) * self.cfg.train.learning_rate for step in range(first, self.step)]
-        self.log.train_losses(first, values.tolist(), lrs)
+        self.log.train_losses(first, values.tolist(), lrs.tolist())
 
     def _check_finite(self, first: int, losses: torch.Tensor, norms: torch.Tensor) -> None:
         check_finite(first, losses, norms, self.learner.scaler.is_enabled(), self.paths.checkpoint, self.best_step)

@@ -70,12 +70,17 @@ def test_repo_params_give_the_documented_defaults():
 
 
 def test_dotted_overrides_replace_single_values():
-    cfg = load_config(REPO_PARAMS, {"train.learning_rate": 1e-3, "model.n_layer": 2, "sample.top_k": 5})
+    default = load_config(REPO_PARAMS)
+    overrides = {"train.learning_rate": 3e-3, "model.n_layer": 2, "sample.top_k": 5}
+    # each override must change something, or the test cannot tell an ignored override from an applied one
+    assert default.train.learning_rate != 3e-3 and default.model.n_layer != 2 and default.sample.top_k != 5
 
-    assert cfg.train.learning_rate == pytest.approx(1e-3)
+    cfg = load_config(REPO_PARAMS, overrides)
+
+    assert cfg.train.learning_rate == pytest.approx(3e-3)
     assert cfg.model.n_layer == 2
     assert cfg.sample.top_k == 5
-    assert cfg.train.batch_size == 64  # untouched
+    assert cfg.train.batch_size == default.train.batch_size  # untouched
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,33 @@ def test_atomic_write_replaces_the_content(tmp_path):
     assert os.listdir(tmp_path) == ["out.txt"]
 
 
+def test_atomic_write_fsyncs_the_temporary_file_before_renaming_it(tmp_path, monkeypatch):
+    """Without the fsync a crash after the rename can leave an empty or partial file under the final name."""
+    events: list[tuple] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        stat = os.fstat(fd)  # which file the descriptor is (its inode) and how much of it is written
+        events.append(("fsync", stat.st_ino, stat.st_size))
+        real_fsync(fd)
+
+    def recording_replace(src, dst) -> None:
+        events.append(("replace", os.stat(src).st_ino, str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    path = tmp_path / "out.txt"
+
+    files.write_text(path, "new")
+
+    assert [e[0] for e in events] == ["fsync", "replace"]
+    (_, synced, size), (_, renamed, dst) = events
+    assert synced == renamed == path.stat().st_ino  # the temporary file, synced, then renamed over the path
+    assert dst == str(path) and size == len("new")  # synced whole, after the content was flushed
+    assert path.read_text(encoding="utf-8") == "new"
+
+
 def test_atomic_write_creates_missing_folders(tmp_path):
     path = tmp_path / "a" / "b" / "out.json"
 

@@ -9,7 +9,7 @@ import torch
 
 from nanogpt.config import ModelConfig
 from nanogpt.engine import generate
-from nanogpt.generate import SamplingParams, context_length, generate_reference, logits_to_probs
+from nanogpt.generate import SamplingParams, context_length, generate_reference, logits_to_probs, sample
 from nanogpt.model import GPT
 
 VOCAB = 13
@@ -74,6 +74,14 @@ def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected):
         assert probs[0, i].item() == pytest.approx(original[0, i].item() / mass.item())
 
 
+def test_top_p_at_its_exact_boundary_keeps_only_the_tokens_needed_to_reach_it():
+    # the first token's 0.5 reaches top_p 0.5 exactly: the second is not needed (0.5 and 0.25 are exact in
+    # float32, so this checks the comparison, `>=`, not rounding)
+    probs = logits_to_probs(log_probs(0.5, 0.25, 0.25), SamplingParams(1.0, top_k=None, top_p=0.5))
+
+    assert kept(probs) == {0}
+
+
 def test_top_p_of_one_keeps_everything():
     probs = logits_to_probs(log_probs(0.7, 0.2, 0.1), SamplingParams(1.0, top_k=None, top_p=1.0))
 
@@ -124,11 +132,30 @@ def test_temperature_zero_generates_the_most_likely_token_every_step(model):
     assert tokens[0].tolist() == seq[3:]
 
 
-def test_sampling_follows_the_model_probabilities(model):
-    n = 3000
-    probs = logits_to_probs(model(torch.tensor([[5, 6]]))[0][:, -1], PLAIN)[0]
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampled_frequencies_are_the_softmax_of_logits_over_temperature(temperature):
+    """The default path of `sample` (no top-k, no top-p: logits / T plus Gumbel noise in one kernel) draws
+    from softmax(logits / T), computed here without the package's code."""
+    n = 200_000
+    logits = torch.tensor([1.5, 0.0, -1.0, 0.5, -2.0])
+    gumbel = torch.empty(n, 5).exponential_(generator=torch.Generator().manual_seed(0)).log_().neg_()
 
-    first = generate(model, [5, 6], 1, n, PLAIN, seed=0)[:, 0]
+    tokens = sample(logits.expand(n, 5), SamplingParams(temperature, None, None), gumbel)
+
+    frequencies = torch.bincount(tokens, minlength=5) / n
+    expected = torch.softmax(logits / temperature, dim=-1)
+    # each frequency's standard deviation is at most sqrt(0.25 / n) = 0.0011: 0.006 is over 5 of them, while
+    # a temperature applied the wrong way round (logits * T) moves some probability by more than 0.1
+    torch.testing.assert_close(frequencies, expected, rtol=0, atol=0.006)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_sampling_follows_the_model_probabilities(model, temperature):
+    n = 3000
+    params = SamplingParams(temperature, None, None)
+    probs = torch.softmax(model(torch.tensor([[5, 6]]))[0][0, -1] / temperature, dim=-1)
+
+    first = generate(model, [5, 6], 1, n, params, seed=0)[:, 0]
 
     frequencies = torch.bincount(first, minlength=VOCAB) / n
     torch.testing.assert_close(frequencies, probs, rtol=0, atol=0.03)
@@ -244,3 +271,13 @@ def test_a_later_generation_reads_the_weights_as_they_are_then(model, device):
     assert torch.equal(
         generate(model, [1, 2], 30, 1, PLAIN, seed=0), generate_reference(model, [1, 2], 30, 1, PLAIN, seed=0)
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("params", [GREEDY, TOP_P], ids=["greedy", "top_p"])
+def test_compiled_generation_matches_the_reference(model, params):
+    """generate(..., compile=True) fuses the decode step with torch.compile (the CPU's C++ backend here): the
+    same tokens as the reference, past block_size."""
+    cached = generate(model, [1, 2, 3], 40, 2, params, seed=7, compile=True)
+
+    assert torch.equal(cached, generate_reference(model, [1, 2, 3], 40, 2, params, seed=7))
