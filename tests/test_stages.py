@@ -393,17 +393,23 @@ def test_temperature_zero_is_greedy(trained: Path) -> None:
     assert len(outputs[0]) == len("\n") + 40 + len("\n")
 
 
-def test_sampling_into_a_pipe_closed_early_ends_quietly(trained: Path) -> None:
-    """`python stages/sample.py | head`: the reader leaves while the text streams (more than a pipe buffer)."""
+def start_streaming(project: Path, num_tokens: int) -> subprocess.Popen:
+    """The sample stage streaming to a pipe; returns once its first characters arrived."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stages.sample", "--num_tokens", "100000"],
-        cwd=trained,
-        env=tool_env(trained),
+        [sys.executable, "-m", "stages.sample", "--num_tokens", str(num_tokens)],
+        cwd=project,
+        env=tool_env(project),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     proc.stdout.read(5)
+    return proc
+
+
+def test_sampling_into_a_pipe_closed_early_ends_quietly(trained: Path) -> None:
+    """`python stages/sample.py | head`: the reader leaves while the text streams (more than a pipe buffer)."""
+    proc = start_streaming(trained, 100_000)
     proc.stdout.close()
     stderr = proc.stderr.read()
     assert proc.wait(timeout=120) == 1
@@ -430,16 +436,8 @@ def test_prompt_and_generation_longer_than_block_size(trained: Path) -> None:
 
 
 def test_ctrl_c_while_sampling_ends_quietly_with_status_130(trained: Path) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stages.sample", "--num_tokens", "1000000"],
-        cwd=trained,
-        env=tool_env(trained),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     before = snapshot(trained)
-    proc.stdout.read(5)  # it is generating
+    proc = start_streaming(trained, 1_000_000)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130
