@@ -221,3 +221,17 @@ def test_stage_code_deps_are_complete(stage: str) -> None:
         f for f in loaded if f not in deps and not (f.endswith("__init__.py") and _is_docstring_only(PROJECT_ROOT / f))
     ]
     assert not missing, f"dvc.yaml stage {stage!r} does not list code it imports: {missing}"
+
+
+@pytest.mark.slow
+def test_an_experiment_identical_to_an_earlier_one_restores_train_from_the_run_cache(reproduced_project: Path) -> None:
+    project = reproduced_project
+    summary = (project / "metrics/train.json").read_text(encoding="utf-8")
+    seed = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))["train"]["seed"]
+    dvc(project, "exp", "run", "-S", f"train.seed={seed + 1}")
+
+    result = dvc(project, "exp", "run", "-S", f"train.seed={seed}")
+
+    assert "train" in restored_stages(result) and "train" not in ran_stages(result), output(result)
+    assert (project / "metrics/train.json").read_text(encoding="utf-8") == summary
+    assert (project / "metrics/val_loss.tsv").is_file() and (project / "out/ckpt.pt").is_file()
