@@ -71,9 +71,10 @@ runpy.run_module("stages.train", run_name="__main__", alter_sys=True)
 """
 
 
-def signal_at_step(project: Path, sig: signal.Signals, at_step: int) -> subprocess.CompletedProcess:
+def run_script(project: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -c script args...` in `project`, as the stages run there; its exit code checked by the caller."""
     return subprocess.run(
-        [sys.executable, "-c", SIGNAL_AT_STEP, sig.name, str(at_step)],
+        [sys.executable, "-c", script, *args],
         cwd=project,
         env=tool_env(project),
         capture_output=True,
@@ -81,6 +82,10 @@ def signal_at_step(project: Path, sig: signal.Signals, at_step: int) -> subproce
         check=False,
         timeout=600,
     )
+
+
+def signal_at_step(project: Path, sig: signal.Signals, at_step: int) -> subprocess.CompletedProcess:
+    return run_script(project, SIGNAL_AT_STEP, sig.name, str(at_step))
 
 
 @dataclass
@@ -508,15 +513,7 @@ def test_outputs_are_written_to_a_temporary_file_and_renamed(
         {"data.url": corpus.as_uri(), "data.sha256": hashlib.sha256(corpus.read_bytes()).hexdigest()},
     )
     args = ["--output", "out/samples.txt", "--metrics", "metrics/sample.json"] if stage == "sample" else []
-    proc = subprocess.run(
-        [sys.executable, "-c", WRITES_RECORDED, stage, *args],
-        cwd=project,
-        env=tool_env(project),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
+    proc = run_script(project, WRITES_RECORDED, stage, *args)
     assert proc.returncode == 0, proc.stderr
 
     record = json.loads((project / "writes.json").read_text())
@@ -595,15 +592,7 @@ runpy.run_module("stages.train", run_name="__main__", alter_sys=True)
 @pytest.mark.parametrize("what", ["loss", "gradient"])
 def test_non_finite_value_names_step_and_keeps_last_good_checkpoint(fresh_project: Path, what: str) -> None:
     bad_step = 2 * EVAL_INTERVAL + 3
-    proc = subprocess.run(
-        [sys.executable, "-c", NAN_AT_STEP, str(bad_step), what],
-        cwd=fresh_project,
-        env=tool_env(fresh_project),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
+    proc = run_script(fresh_project, NAN_AT_STEP, str(bad_step), what)
 
     assert proc.returncode != 0
     assert len(proc.stderr.splitlines()) == 1, proc.stderr

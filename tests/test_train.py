@@ -40,15 +40,16 @@ def encoded_data(folder: Path) -> None:
     save_tokenizer(tok, folder / "vocab.json")
 
 
+def paths_under(folder: Path) -> TrainPaths:
+    """The train stage's files under `folder`, laid out as in a project."""
+    return TrainPaths(
+        folder / "data", folder / "out/ckpt.pt", folder / "out/resume", folder / "metrics", folder / "out/tensorboard"
+    )
+
+
 def test_tensorboard_events_are_written_when_asked(tmp_path):
     encoded_data(tmp_path / "data")
-    paths = TrainPaths(
-        tmp_path / "data",
-        tmp_path / "out/ckpt.pt",
-        tmp_path / "out/resume",
-        tmp_path / "metrics",
-        tmp_path / "out/tensorboard",
-    )
+    paths = paths_under(tmp_path)
     cfg = load_config(REPO_PARAMS, {**TINY, "train.tensorboard": True})
 
     summary = train(cfg, paths, show_progress=False)
@@ -61,13 +62,7 @@ def test_tensorboard_events_are_written_when_asked(tmp_path):
 
 def test_no_tensorboard_folder_by_default(tmp_path):
     encoded_data(tmp_path / "data")
-    paths = TrainPaths(
-        tmp_path / "data",
-        tmp_path / "out/ckpt.pt",
-        tmp_path / "out/resume",
-        tmp_path / "metrics",
-        tmp_path / "out/tensorboard",
-    )
+    paths = paths_under(tmp_path)
     cfg = load_config(REPO_PARAMS, TINY)
     assert dataclasses.asdict(cfg.train)["tensorboard"] is False
 
@@ -81,9 +76,7 @@ def test_the_logged_lr_is_the_one_the_optimizer_used(tmp_path):
     """train_loss.tsv's lr column is read from the optimizer's param group after each step (what set_lr wrote),
     so a loop that stops applying the schedule shows there."""
     encoded_data(tmp_path / "data")
-    paths = TrainPaths(
-        tmp_path / "data", tmp_path / "ckpt.pt", tmp_path / "resume", tmp_path / "metrics", tmp_path / "tb"
-    )
+    paths = paths_under(tmp_path)
     overrides = {**TINY, "train.max_iters": 8, "train.warmup_iters": 2, "train.min_lr": 0.1}
     cfg = load_config(REPO_PARAMS, {**overrides, "train.learning_rate": 2e-3})
 
