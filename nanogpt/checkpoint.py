@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from nanogpt import files
 from nanogpt.config import ModelConfig, problems
 from nanogpt.errors import UserError
-from nanogpt.model import GPT
+from nanogpt.model import GPT, NANOGPT_ARCHITECTURE
 from nanogpt.tokenizer import Tokenizer, tokenizer_from_dict
 
 CHECKPOINT_FORMAT = 1
@@ -48,7 +48,8 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tup
             "retrain with `dvc repro train`"
         )
     try:
-        model = GPT(ModelConfig(**ckpt["model_config"]), ckpt["vocab_size"])
+        # a checkpoint from before an architecture option existed was made without it
+        model = GPT(ModelConfig(**{**NANOGPT_ARCHITECTURE, **ckpt["model_config"]}), ckpt["vocab_size"])
         model.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, RuntimeError) as exc:
         raise UserError(f"checkpoint {path} does not match the model code: {str(exc).splitlines()[0]}") from None
@@ -90,6 +91,7 @@ class ResumeState:
     batch_rng: torch.Tensor  # the generator that draws training windows
     cpu_rng: torch.Tensor  # dropout's RNG (rank 0's)
     cuda_rng: torch.Tensor | None = None
+    average: list[torch.Tensor] | None = None  # WeightAverage's, with train.ema
 
     def to_dict(self) -> dict[str, Any]:
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}

@@ -127,6 +127,11 @@ class ModelConfig:
     n_embd: Annotated[StrictInt, _key("embedding width, a multiple of n_head", ge=1)]
     dropout: Annotated[StrictFloat, _key("dropout probability in training", ge=0, lt=1), _FROM_YAML]
     gradient_checkpointing: Annotated[StrictBool, _key("recompute activations in the backward pass to save memory")]
+    # architecture options; false/gelu/true is nanoGPT's GPT (model.NANOGPT_ARCHITECTURE)
+    rope: Annotated[StrictBool, _key("rotary position embeddings on queries and keys, in place of learned positions")]
+    qk_norm: Annotated[StrictBool, _key("RMS-normalise each head's queries and keys before attention")]
+    mlp: Annotated[Literal["gelu", "relu2"], _key("the MLP's activation: gelu, or relu2 (ReLU squared)")]
+    tie_embeddings: Annotated[StrictBool, _key("the LM head shares its weights with the token embedding")]
 
     @field_validator("n_embd")
     @classmethod
@@ -139,6 +144,18 @@ class ModelConfig:
                 {"n_embd": n_embd, "n_head": n_head},
             )
         return n_embd
+
+    @field_validator("rope")
+    @classmethod
+    def _even_head_size(cls, rope: bool, info: ValidationInfo) -> bool:
+        n_embd, n_head = info.data.get("n_embd"), info.data.get("n_head")
+        if rope and n_embd is not None and n_head is not None and (n_embd // n_head) % 2:
+            raise PydanticCustomError(
+                "odd_head_size",
+                "needs an even head size, model.n_embd / model.n_head is {head_size}",
+                {"head_size": n_embd // n_head},
+            )
+        return rope
 
     @property
     def head_size(self) -> int:
@@ -154,14 +171,26 @@ class TrainConfig:
         StrictFloat, _key("peak AdamW rate (embeddings and norms; everything with adamw)", gt=0), _FROM_YAML
     ]
     max_iters: Annotated[StrictInt, _key("optimizer steps", ge=1)]
-    warmup_iters: Annotated[StrictInt, _key("steps of linear warmup before the cosine decay", ge=0)]
+    warmup_iters: Annotated[StrictInt, _key("steps of linear warmup before the decay", ge=0)]
+    schedule: Annotated[
+        Literal["cosine", "wsd"],
+        _key("cosine: decay from the peak after warmup; wsd: hold the peak, then decay linearly over `cooldown`"),
+    ]
+    cooldown: Annotated[
+        StrictFloat, _key("wsd only: the fraction of max_iters spent in the final linear decay", gt=0, le=1), _FROM_YAML
+    ]
     min_lr: Annotated[
-        StrictFloat, _key("fraction of learning_rate reached at the end of the cosine decay", ge=0, le=1), _FROM_YAML
+        StrictFloat, _key("fraction of learning_rate reached at the end of the decay", ge=0, le=1), _FROM_YAML
     ]
     weight_decay: Annotated[StrictFloat, _key("weight decay of the weight matrices", ge=0), _FROM_YAML]
     beta1: Annotated[StrictFloat, _key("AdamW beta1", ge=0, lt=1), _FROM_YAML]
     beta2: Annotated[StrictFloat, _key("AdamW beta2", ge=0, lt=1), _FROM_YAML]
     grad_clip: Annotated[StrictFloat, _key("clip the gradient norm to this; 0 turns clipping off", ge=0), _FROM_YAML]
+    ema: Annotated[
+        StrictFloat,
+        _key("decay of a moving average of the weights, which is evaluated and checkpointed; 0: off", ge=0, lt=1),
+        _FROM_YAML,
+    ]
     optimizer: Annotated[
         Literal["adamw", "muon"], _key("muon: Muon for the blocks' matrices, AdamW for the rest; adamw: AdamW only")
     ]
@@ -288,7 +317,7 @@ def _problem(section: str, name: str = "", *, error: Any) -> str:
         return f"unknown parameter {key}" if name else f"unknown section {section!r}"
     if not name:
         return f"section {section!r} must be a mapping of keys, got {value!r}"
-    if kind in ("not_divisible", "unknown_escape"):
+    if kind in ("not_divisible", "odd_head_size", "unknown_escape"):
         return f"{key} {error['msg']}"
     if kind == "string_pattern_mismatch":
         return f"{key} must {_PATTERN_MEANS[error['ctx']['pattern']]}, got {value!r}"

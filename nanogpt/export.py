@@ -21,12 +21,13 @@ from nanogpt import files
 from nanogpt.checkpoint import load_checkpoint
 from nanogpt.config import Config, SampleConfig
 from nanogpt.errors import UserError
-from nanogpt.model import GPT
+from nanogpt.model import GPT, NANOGPT_ARCHITECTURE
 from nanogpt.model_card import model_card
 from nanogpt.tokenizer import CharTokenizer, Tokenizer
 
-# ModelConfig's options and what GPT-2 makes of them. An option missing here (rotary embeddings, say) stops the
-# export until someone maps it: even at a value that looks harmless, it may change what the weights mean.
+# ModelConfig's options and what GPT-2 makes of them. An option missing here stops the export until someone maps
+# it: even at a value that looks harmless, it may change what the weights mean. The architecture options
+# (rotary embeddings, QK-norm, ...) export only at nanoGPT's values, model.NANOGPT_ARCHITECTURE.
 GPT2_OPTIONS = {"block_size": "n_positions", "n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd"}
 TRAINING_ONLY_OPTIONS = {"dropout", "gradient_checkpointing"}  # no effect on the function the weights compute
 
@@ -55,6 +56,8 @@ def check_exportable(model: GPT) -> float:
     logits with transformers' own.
     """
     for option, value in dataclasses.asdict(model.cfg).items():
+        if option in NANOGPT_ARCHITECTURE and value == NANOGPT_ARCHITECTURE[option]:
+            continue
         if option not in GPT2_OPTIONS and option not in TRAINING_ONLY_OPTIONS:
             raise UserError(f"cannot export to GPT-2: model.{option} ({value!r}) has no GPT-2 equivalent")
     if model.lm_head.weight is not model.wte.weight:

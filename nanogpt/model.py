@@ -9,6 +9,7 @@ the decode steps.
 """
 
 import math
+from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -19,6 +20,30 @@ from torch.utils.checkpoint import checkpoint
 from nanogpt.config import ModelConfig
 from nanogpt.kernels import decode_attention, decode_attention_supported
 
+# The architecture options (ModelConfig) at the values that make this model nanoGPT's GPT, which is GPT-2's
+# architecture: a checkpoint saved before an option existed was made with this value.
+NANOGPT_ARCHITECTURE = {"rope": False, "qk_norm": False, "mlp": "gelu", "tie_embeddings": True}
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (RoFormer): each pair of a head's channels (i, i + hs/2) is rotated by an angle
+    proportional to the position, so that a query-key product depends on their distance, not their positions."""
+
+    def __init__(self, head_size: int, block_size: int, base: float = 10000.0) -> None:
+        super().__init__()
+        frequencies = base ** -(torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), frequencies)  # (block_size, hs/2)
+        self.cos: Tensor
+        self.sin: Tensor
+        self.register_buffer("cos", angles.cos(), persistent=False)  # computed, not learned: not in checkpoints
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor, input_pos: Tensor) -> Tensor:
+        """x (B, nh, T, hs) at positions input_pos (T,), rotated."""
+        cos, sin = self.cos[input_pos], self.sin[input_pos]  # (T, hs/2)
+        x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -28,6 +53,8 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)  # query, key and value of every head
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.rotary = Rotary(cfg.head_size, cfg.block_size) if cfg.rope else None
+        self.qk_norm = cfg.qk_norm
         self.kv_cache: Tensor | None = None  # while generating: this layer's buffer of a KVCache
 
     def forward(self, x: Tensor, input_pos: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -37,6 +64,10 @@ class CausalSelfAttention(nn.Module):
         qkv = self.c_attn(x)  # (B, T, 3C)
         heads = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
         q, k, v = heads  # each (B, nh, T, hs)
+        if self.rotary is not None or self.qk_norm:
+            q, k = self.prepare(q, k, input_pos)
+            heads = torch.stack((q, k, v))
+            qkv = heads.permute(1, 3, 0, 2, 4).reshape(B, T, 3 * C)  # for the decode kernel, which reads qkv
         if self.kv_cache is None:  # each position attends to itself and the positions before it
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, nh, T, hs)
@@ -49,6 +80,21 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
+    def prepare(self, q: Tensor, k: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """The options on queries and keys (B, nh, T, hs): QK-norm, then the rotation of RoPE."""
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if self.rotary is not None:
+            q, k = self.rotary(q, input_pos), self.rotary(k, input_pos)
+        return q, k
+
+
+def relu_squared(x: Tensor) -> Tensor:
+    return F.relu(x).square()
+
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"gelu": F.gelu, "relu2": relu_squared}
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -56,9 +102,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.activation = ACTIVATIONS[cfg.mlp]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -80,12 +127,13 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.wte = nn.Embedding(vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.wpe = None if cfg.rope else nn.Embedding(cfg.block_size, cfg.n_embd)  # rope: positions in attention
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=False)
         self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying, as in GPT-2 and nanoGPT
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # weight tying, as in GPT-2 and nanoGPT
         self.apply(self._init_weights)
         # GPT-2's scaled init of the projections into the residual stream
         for name, p in self.named_parameters():
@@ -104,7 +152,7 @@ class GPT(nn.Module):
         return self.wte.weight.device
 
     def num_params(self) -> int:
-        """Number of distinct parameters (the tied embedding counted once)."""
+        """Number of distinct parameters (a tied embedding counted once)."""
         return sum(p.numel() for p in self.parameters())
 
     def forward(
@@ -119,7 +167,10 @@ class GPT(nn.Module):
             if T > self.cfg.block_size:
                 raise ValueError(f"sequence of length {T} is longer than block_size {self.cfg.block_size}")
             input_pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(input_pos))  # (B, T, C)
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(input_pos)
+        x = self.drop(x)
         mask = None if self.kv_cache is None else self.kv_cache.mask_rows(input_pos)
         for block in self.blocks:
             if self.cfg.gradient_checkpointing and self.training:

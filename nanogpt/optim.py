@@ -1,6 +1,9 @@
-"""Optimizers and the learning-rate schedule (a pure function of the step, so resuming needs only the step)."""
+"""Optimizers, the learning-rate schedule (a pure function of the step, so resuming needs only the step) and the
+moving average of the weights."""
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -11,12 +14,18 @@ from nanogpt.config import TrainConfig
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Fraction of the peak learning rate at optimizer step `step` (0-based).
 
-    Linear warmup over `warmup_iters` steps, then cosine decay to `min_lr` at `max_iters` (nanoGPT's get_lr).
+    Linear warmup over `warmup_iters` steps, then a decay to `min_lr` at `max_iters`: `cosine` from the end of
+    the warmup (nanoGPT's get_lr), or `wsd` (warmup-stable-decay) linear over the last `cooldown` of the steps,
+    the rate held at its peak before.
     """
     if step < cfg.warmup_iters:
         return (step + 1) / (cfg.warmup_iters + 1)
     if step >= cfg.max_iters:
         return cfg.min_lr
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, round(cfg.cooldown * cfg.max_iters))
+        progress = max(0.0, (step - (cfg.max_iters - decay_steps)) / decay_steps)
+        return 1.0 - progress * (1.0 - cfg.min_lr)
     progress = (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - cfg.min_lr)
 
@@ -78,6 +87,37 @@ def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
                 group["lr"].fill_(lr)
             else:
                 group["lr"] = lr
+
+
+class WeightAverage:
+    """An exponential moving average of the parameters, updated after every optimizer step:
+    `average += (1 - decay) * (param - average)`. Evaluating the average instead of the last weights smooths out
+    the noise of the last steps. The update is plain tensor code, so a captured step (nanogpt/step.py) holds it.
+    """
+
+    def __init__(self, params: list[torch.Tensor], decay: float) -> None:
+        self.params, self.decay = params, decay
+        self.average = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.average, self.params, 1 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The average in the parameters (in place: their storage stays where a CUDA graph expects it)."""
+        with torch.no_grad():
+            current = [p.detach().clone() for p in self.params]
+            torch._foreach_copy_(self.params, self.average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, current)
+
+    def load(self, average: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self.average, [a.to(p.device) for a, p in zip(average, self.average, strict=True)])
 
 
 class BatchedMuon(torch.optim.Optimizer):

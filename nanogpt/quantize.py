@@ -51,9 +51,10 @@ class Int8MLP(nn.Module):
     def __init__(self, mlp: MLP) -> None:
         super().__init__()
         self.c_fc, self.c_proj = Int8Linear(mlp.c_fc), Int8Linear(mlp.c_proj)
+        self.activation = mlp.activation
 
     def forward(self, x: Tensor) -> Tensor:
-        return _in_bf16(lambda rows: self.c_proj.matmul(F.gelu(self.c_fc.matmul(rows))), x)
+        return _in_bf16(lambda rows: self.c_proj.matmul(self.activation(self.c_fc.matmul(rows))), x)
 
 
 def _in_bf16(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -64,7 +65,7 @@ def _in_bf16(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
 
 def quantize_int8(model: GPT) -> GPT:
     """Give every block int8 weights, in place, for sampling (the quantized model does not train); the
-    embeddings and the tied LM head, a small share of the weights, stay as they are."""
+    embeddings and the LM head, a small share of the weights, stay as they are."""
     for module in model.blocks:
         block = cast(Block, module)
         # (type: ignore: the int8 layers stand in for the Linear and MLP modules the model's attributes are typed as)

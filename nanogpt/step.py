@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from nanogpt import runtime
 from nanogpt.config import TrainConfig
 from nanogpt.model import GPT
+from nanogpt.optim import WeightAverage
 
 Batch = tuple[Tensor, Tensor]  # inputs and next-token targets, (B, T) each
 Forward = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]  # (x, y) -> (logits, loss)
@@ -30,6 +31,7 @@ def build_train_step(
     captured: bool,
     dtype: torch.dtype,
     check: Callable[[Tensor, Tensor], None] | None = None,
+    average: WeightAverage | None = None,
 ) -> "TrainStep | CapturedStep":
     """The optimizer step the config asks for: eager or torch.compiled, data-parallel when torch.distributed
     is initialised (torchrun), and captured as one CUDA graph when `captured` (runtime.captures_step)."""
@@ -52,6 +54,7 @@ def build_train_step(
         check=check,
         no_sync=ddp.no_sync if ddp is not None else None,
         free_grads=not captured,
+        average=average,
     )
     if not captured:
         return step
@@ -65,7 +68,7 @@ class TrainStep:
     `check(loss, norm)`, when given, runs between the gradients and the update: it may raise to stop before
     a bad update. `no_sync` (DDP's) skips the gradient all-reduce on all but the last micro-batch.
     `free_grads=False` zeroes the gradients in place instead of freeing them (a captured step needs them
-    at fixed addresses).
+    at fixed addresses). `average`, when given, is updated after every update.
     """
 
     def __init__(
@@ -79,11 +82,12 @@ class TrainStep:
         check: Callable[[Tensor, Tensor], None] | None = None,
         no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
         free_grads: bool = True,
+        average: WeightAverage | None = None,
     ) -> None:
         self.forward, self.optimizers, self.scaler, self.autocast = forward, optimizers, scaler, autocast
         self.params = list(model.parameters())
         self.max_norm = grad_clip or math.inf
-        self.check, self.no_sync, self.free_grads = check, no_sync, free_grads
+        self.check, self.no_sync, self.free_grads, self.average = check, no_sync, free_grads, average
 
     def __call__(self, batches: list[Batch]) -> tuple[Tensor, Tensor]:
         loss, norm = self.gradients(batches)
@@ -115,6 +119,8 @@ class TrainStep:
         self.scaler.update()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=self.free_grads)
+        if self.average is not None:
+            self.average.update()
 
 
 class CapturedStep:

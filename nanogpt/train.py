@@ -4,6 +4,7 @@ One optimizer step is nanogpt/step.py (the textbook step, and on a GPU its CUDA-
 state's layout is nanogpt/checkpoint.py's ResumeState.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -23,7 +24,7 @@ from nanogpt.distributed import DistInfo
 from nanogpt.errors import UserError
 from nanogpt.metrics import MetricsLog, RunLog
 from nanogpt.model import GPT
-from nanogpt.optim import build_optimizers, lr_factor, set_lr, use_lr_tensors
+from nanogpt.optim import WeightAverage, build_optimizers, lr_factor, set_lr, use_lr_tensors
 from nanogpt.step import Batch, build_train_step
 from nanogpt.tokenizer import Tokenizer, load_tokenizer
 
@@ -149,12 +150,14 @@ class StepSeries:
 
 @dataclass
 class Learner:
-    """The model and what updates it: optimizers, grad scaler (fp16 only) and the training windows' generator."""
+    """The model and what updates it: optimizers, grad scaler (fp16 only), the training windows' generator and
+    the weights' moving average (train.ema)."""
 
     model: GPT
     optimizers: list[torch.optim.Optimizer]
     scaler: torch.amp.GradScaler
     batch_rng: torch.Generator
+    average: WeightAverage | None
 
     @classmethod
     def build(
@@ -167,7 +170,8 @@ class Learner:
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         batch_rng = torch.Generator(device=device)
         batch_rng.manual_seed(cfg.train.seed)
-        return cls(model, optimizers, scaler, batch_rng)
+        average = WeightAverage(list(model.parameters()), cfg.train.ema) if cfg.train.ema else None
+        return cls(model, optimizers, scaler, batch_rng, average)
 
     def state(self) -> dict[str, Any]:
         """The ResumeState fields this holds (dropout's RNG included)."""
@@ -179,6 +183,7 @@ class Learner:
             "batch_rng": self.batch_rng.get_state(),
             "cpu_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "average": self.average.average if self.average is not None else None,
         }
 
     def load(self, state: ResumeState, restore_dropout_rng: bool, capturable: bool) -> None:
@@ -188,6 +193,8 @@ class Learner:
         if capturable:  # load_state_dict put back plain numbers
             use_lr_tensors(self.optimizers, self.batch_rng.device)
         self.scaler.load_state_dict(state.scaler)
+        if self.average is not None and state.average is not None:
+            self.average.load(state.average)
         self.batch_rng.set_state(state.batch_rng)
         if restore_dropout_rng:
             torch.set_rng_state(state.cpu_rng)
@@ -235,7 +242,8 @@ class Trainer:
             None if device.type == "cuda" else lambda loss, norm: self._check_finite(self.step, loss[None], norm[None])
         )
         parts = (self.model, self.learner.optimizers, self.learner.scaler, train)
-        self.train_step_fn = build_train_step(*parts, self.compiled, self.captured, dtype, check)
+        average = self.learner.average
+        self.train_step_fn = build_train_step(*parts, self.compiled, self.captured, dtype, check, average)
 
     def elapsed(self) -> float:
         """Seconds since the process was launched (plus the time of the runs this one resumes)."""
@@ -318,9 +326,18 @@ class Trainer:
         check_finite(first, losses, norms, self.learner.scaler.is_enabled(), self.paths.checkpoint, self.best_step)
 
     def evaluate(self) -> None:
-        """Loss over the validation split; the checkpoint when it is the best so far; report and write metrics."""
+        """Loss over the validation split; the checkpoint when it is the best so far; report and write metrics.
+        With train.ema, of the weights' moving average."""
         runtime.synchronize(self.device)
         tokens_per_sec = self.log.end_interval(self.step, self.tokens_per_step)
+        average = self.learner.average
+        with average.applied() if average is not None else contextlib.nullcontext():
+            val_loss, val_bpc = self._validate()
+        self.log.evaluation(self.step, val_loss, val_bpc, tokens_per_sec)
+        self.log.write(self.summary())
+        self.log.start(self.step)  # evaluating is not training: the next interval starts now
+
+    def _validate(self) -> tuple[float, float]:
         train = self.cfg.train
         autocast = runtime.autocast(self.device, self.dtype)
         share = (train.eval_iters, self.dist.rank, self.dist.world_size)  # this rank's batches
@@ -338,9 +355,7 @@ class Trainer:
             self.best_val, self.best_step = val_loss, self.step
             if self.dist.is_main:
                 save_checkpoint(self.paths.checkpoint, self.model, self.data.tokenizer, self.step, val_loss)
-        self.log.evaluation(self.step, val_loss, val_bpc, tokens_per_sec)
-        self.log.write(self.summary())
-        self.log.start(self.step)  # evaluating is not training: the next interval starts now
+        return val_loss, val_bpc
 
     def summary(self) -> dict[str, Any]:
         run = (self.best_val, self.best_step, self.step, self.tokens_per_step, self.elapsed())

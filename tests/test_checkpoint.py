@@ -8,10 +8,12 @@ import torch
 from nanogpt.checkpoint import ResumeState, ResumeStore, load_checkpoint, resume_key, save_checkpoint
 from nanogpt.config import ModelConfig
 from nanogpt.errors import UserError
-from nanogpt.model import GPT
+from nanogpt.model import GPT, NANOGPT_ARCHITECTURE
 from nanogpt.tokenizer import CharTokenizer
 
-TINY = ModelConfig(block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.1, gradient_checkpointing=False)
+TINY = ModelConfig(
+    block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.1, gradient_checkpointing=False, **NANOGPT_ARCHITECTURE
+)
 TOKENIZER = CharTokenizer.fit("\n abcdefghij")
 
 

@@ -11,9 +11,11 @@ from nanogpt.config import ModelConfig
 from nanogpt.data import IGNORE, bits_per_char, eval_windows, evaluate, get_batch, load_tokens, read_corpus
 from nanogpt.errors import UserError
 from nanogpt.files import torch_save
-from nanogpt.model import GPT
+from nanogpt.model import GPT, NANOGPT_ARCHITECTURE
 
-TINY = ModelConfig(block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=0.0, gradient_checkpointing=False)
+TINY = ModelConfig(
+    block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=0.0, gradient_checkpointing=False, **NANOGPT_ARCHITECTURE
+)
 VOCAB = 7
 
 

@@ -10,7 +10,7 @@ import torch
 from nanogpt.config import ModelConfig
 from nanogpt.engine import generate
 from nanogpt.generate import SamplingParams, context_length, generate_reference, logits_to_probs, sample
-from nanogpt.model import GPT
+from nanogpt.model import GPT, NANOGPT_ARCHITECTURE
 
 VOCAB = 13
 GREEDY = SamplingParams(temperature=0.0, top_k=None, top_p=None)
@@ -35,7 +35,9 @@ def kept(probs: torch.Tensor) -> set[int]:
 def model() -> GPT:
     """A small random model whose next-token distributions are far from uniform (GPT-2's init gives near-ties)."""
     torch.manual_seed(0)
-    cfg = ModelConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, gradient_checkpointing=False)
+    cfg = ModelConfig(
+        block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, gradient_checkpointing=False, **NANOGPT_ARCHITECTURE
+    )
     model = GPT(cfg, VOCAB).eval()
     with torch.no_grad():
         for p in model.parameters():

@@ -7,9 +7,11 @@ import torch
 
 from nanogpt.config import ModelConfig
 from nanogpt.engine import setup_kv_cache
-from nanogpt.model import GPT
+from nanogpt.model import GPT, NANOGPT_ARCHITECTURE
 
-TINY = ModelConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, gradient_checkpointing=False)
+TINY = ModelConfig(
+    block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, gradient_checkpointing=False, **NANOGPT_ARCHITECTURE
+)
 VOCAB = 11
 
 
@@ -74,7 +76,15 @@ def test_lm_head_is_tied_to_the_token_embedding():
 
 
 def test_default_model_has_about_10_7_million_parameters():
-    cfg = ModelConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2, gradient_checkpointing=False)
+    cfg = ModelConfig(
+        block_size=256,
+        n_layer=6,
+        n_head=6,
+        n_embd=384,
+        dropout=0.2,
+        gradient_checkpointing=False,
+        **NANOGPT_ARCHITECTURE,
+    )
 
     n = GPT(cfg, 65).num_params()
 

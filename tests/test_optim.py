@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from nanogpt.config import ModelConfig, TrainConfig, load_config
-from nanogpt.model import GPT
+from nanogpt.model import GPT, NANOGPT_ARCHITECTURE
 from nanogpt.optim import build_optimizers, lr_factor, set_lr
 
 TRAIN = load_config(Path(__file__).resolve().parents[1] / "params.yaml").train
-TINY = ModelConfig(block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0, gradient_checkpointing=False)
+TINY = ModelConfig(
+    block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0, gradient_checkpointing=False, **NANOGPT_ARCHITECTURE
+)
 
 
 def schedule(warmup: int = 100, max_iters: int = 1100, min_lr: float = 0.1) -> TrainConfig:

@@ -8,13 +8,21 @@ import torch
 
 from nanogpt import runtime
 from nanogpt.config import ModelConfig, TrainConfig
-from nanogpt.model import GPT
+from nanogpt.model import GPT, NANOGPT_ARCHITECTURE
 from nanogpt.optim import build_optimizers, set_lr
 from nanogpt.step import CapturedStep, TrainStep, build_train_step
 
 
 def model_config(dropout: float = 0.0) -> ModelConfig:
-    return ModelConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=dropout, gradient_checkpointing=False)
+    return ModelConfig(
+        block_size=16,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        dropout=dropout,
+        gradient_checkpointing=False,
+        **NANOGPT_ARCHITECTURE,
+    )
 
 
 MODEL = model_config()
@@ -23,11 +31,14 @@ TRAIN = TrainConfig(
     learning_rate=1e-3,
     max_iters=10,
     warmup_iters=2,
+    schedule="cosine",
+    cooldown=0.2,
     min_lr=0.1,
     weight_decay=0.1,
     beta1=0.9,
     beta2=0.99,
     grad_clip=1.0,
+    ema=0.0,
     optimizer="muon",
     muon_learning_rate=0.02,
     grad_accum_steps=1,
