@@ -17,9 +17,12 @@ import datetime
 import json
 import os
 import shlex
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,24 @@ def queue(repo: Path, env: dict[str, str], sweep: Path) -> int:
     for line in lines:
         run(["dvc", "exp", "run", "--queue", *shlex.split(line)], repo, env)
     return len(lines)
+
+
+def run_all(repo: Path, env: dict[str, str], jobs: int, time_limit: float | None) -> tuple[float, bool]:
+    """`dvc exp run --run-all -j jobs`; stopped after `time_limit` seconds (the experiments done by then are kept,
+    the rest are reported as not run). Returns the wall time and whether it finished."""
+    started = time.perf_counter()
+    cmd = ["dvc", "exp", "run", "--run-all", "-j", str(jobs)]
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, start_new_session=True)
+    try:
+        proc.wait(timeout=time_limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        return time.perf_counter() - started, False
+    return time.perf_counter() - started, proc.returncode == 0
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -115,6 +136,7 @@ def main() -> None:
     p.add_argument("--sweep", type=Path, action="append", help="a file of `dvc exp run --queue` argument lines")
     p.add_argument("--source", type=Path, default=ROOT, help="the code to run (default: this checkout)")
     p.add_argument("--jobs", type=int, default=4, help="experiments run at once")
+    p.add_argument("--time-limit", type=float, help="stop the queue after this many seconds, keep what finished")
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args()
     if args.summary is not None:
@@ -143,9 +165,10 @@ def main() -> None:
         run(["git", "add", "-A"], repo, env)
         run(["git", "commit", "-qm", "data"], repo, env)
         result["queued_lines"] = sum(queue(repo, env, sweep) for sweep in args.sweep)
-        wall, _ = run(["dvc", "exp", "run", "--run-all", "-j", str(args.jobs)], repo, env)
-        result["sweep_wall_s"] = round(wall, 1)
+        wall, finished = run_all(repo, env, args.jobs, args.time_limit)
+        result["sweep_wall_s"], result["finished"] = round(wall, 1), finished
         rows = experiments(repo, env)
+        result["experiments_done"] = len(rows)
         changed(rows, flatten(yaml.safe_load((repo / "params.yaml").read_text())))
         result["runs"] = rows
         result["by_config"] = summary(rows)
