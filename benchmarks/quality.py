@@ -81,8 +81,18 @@ def experiments(repo: Path, env: dict[str, str]) -> list[dict[str, Any]]:
                 metrics = (data.get("metrics") or {}).get("metrics/train.json", {}).get("data", {})
                 if not metrics:
                     continue  # a failed experiment
-                rows.append({"name": rev.get("name"), "params": params, **{k: metrics.get(k) for k in METRICS}})
+                row = {"name": rev.get("name"), "params": params, **{k: metrics.get(k) for k in METRICS}}
+                row["val_loss"] = val_series(repo, env, rev["rev"])
+                rows.append(row)
     return rows
+
+
+def val_series(repo: Path, env: dict[str, str], rev: str) -> list[list[float]]:
+    """[step, val_loss] of every evaluation of the experiment at `rev` (its metrics/val_loss.tsv, kept in git)."""
+    _, lines = run(["git", "show", f"{rev}:metrics/val_loss.tsv"], repo, env)
+    header, *rows = [line.split("\t") for _, line in lines if line]
+    step, loss = header.index("step"), header.index("val_loss")
+    return [[int(row[step]), float(row[loss])] for row in rows]
 
 
 def changed(rows: list[dict[str, Any]], defaults: dict[str, Any]) -> None:
