@@ -325,10 +325,12 @@ def test_schema_rejects_what_the_models_reject(params, name, value):
 
 
 # ---------------------------------------------------------------- the workspace's defaults, pinned on purpose
-# These read the workspace's params.yaml (workspace_params): a change of a default fails them, and should.
+# These read the workspace's params.yaml (workspace_params), and only these: editing it changes no other test.
 
 
 def test_workspace_params_give_the_documented_defaults():
+    """Pins the workspace params.yaml's defaults on purpose: changing one fails here, so that the README and
+    BENCHMARKS.md, which quote them, are updated with it (and this test)."""
     cfg = load_config(workspace_params())
 
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (6, 6, 384)
