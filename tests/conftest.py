@@ -1,7 +1,9 @@
 """Shared fixtures: a generated corpus, a loopback HTTP server, and a tiny copy of the project in its own
 git + DVC repository, plus helpers that drive the real `dvc` and `git` CLIs in it.
 
-Nothing here touches the network: the pipeline's `data.url` points at a server on 127.0.0.1.
+Nothing here touches the network: the pipeline's `data.url` points at a server on 127.0.0.1. Nothing here reads the
+workspace's params.yaml either: the tests own their params (TINY_PARAMS), so editing it changes no test but
+the few that pin its defaults on purpose (workspace_params).
 
     def test_something(project):                 # fresh copy, params committed, nothing run yet
         result = dvc(project, "repro")
@@ -30,13 +32,15 @@ import pytest
 import torch
 import yaml
 
+from nanogpt.config import Config, config_from_dict
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # What a pipeline run needs, relative to the project root. Generated files (dvc.lock, data/*.pt, out/*,
-# metrics/*.json|tsv), caches and resume state are deliberately left out so every copy starts clean.
+# metrics/*.json|tsv), caches and resume state are deliberately left out so every copy starts clean. So is
+# params.yaml: the copy gets TINY_PARAMS, so that editing the workspace's params.yaml changes no test.
 PROJECT_FILES = (
     "dvc.yaml",
-    "params.yaml",
     ".dvcignore",
     ".gitignore",
     ".dvc/config",
@@ -47,27 +51,64 @@ PROJECT_FILES = (
 )
 PROJECT_PACKAGES = ("stages", "nanogpt")
 
-# A model that trains in about a second on one CPU core; applied on top of the real params.yaml, so every
-# key the project adds later is still present with its real default.
+# The tests' params, complete: every key of nanogpt/config.py, as `section.name` (as `dvc exp run -S` names
+# them). The tiny project's params.yaml is written from it and tests that build a Config use it (tiny_config),
+# so the workspace's params.yaml is read only by the tests that pin its defaults on purpose (workspace_params).
+# A key added to the config gets a line here, with the value the tests run with; until it does,
+# test_config's test_tiny_params_hold_every_key_of_the_config fails naming it. The model trains in about a
+# second on one CPU core; the keys that do not size it copy the defaults of when they were written.
 TINY_PARAMS: dict[str, Any] = {
+    # nothing listens on port 9: a test that downloads passes the loopback server's url and sha256
+    "data.url": "http://127.0.0.1:9/input.txt",
+    "data.sha256": "0" * 64,
     "data.timeout": 10,
     "data.retries": 0,
+    "encode.val_fraction": 0.1,
+    "encode.tokenizer": "char",
+    "encode.vocab_size": 512,
     "model.block_size": 32,
     "model.n_layer": 2,
     "model.n_head": 2,
     "model.n_embd": 32,
     "model.dropout": 0.0,
+    "model.gradient_checkpointing": False,
+    "model.rope": False,
+    "model.qk_norm": False,
+    "model.mlp": "gelu",
+    "model.tie_embeddings": True,
     "train.batch_size": 8,
+    "train.learning_rate": 1e-3,
     "train.max_iters": 30,
     "train.warmup_iters": 5,
+    "train.schedule": "cosine",
+    "train.cooldown": 0.2,
+    "train.min_lr": 0.1,
+    "train.weight_decay": 0.1,
+    "train.beta1": 0.9,
+    "train.beta2": 0.99,
+    "train.grad_clip": 1.0,
+    "train.ema": 0.0,
+    "train.optimizer": "muon",
+    "train.muon_learning_rate": 0.02,
+    "train.grad_accum_steps": 1,
     "train.eval_interval": 10,
     "train.eval_iters": 2,
     "train.resume_interval": 10,
     "train.device": "cpu",
     "train.dtype": "fp32",
     "train.compile": False,
+    "train.compile_mode": "reduce-overhead",
+    "train.seed": 1337,
     "train.tensorboard": False,
+    "sample.prompt": "\n",
     "sample.num_tokens": 50,
+    "sample.num_samples": 1,
+    "sample.temperature": 1.0,
+    "sample.top_k": None,
+    "sample.top_p": None,
+    "sample.seed": 1337,
+    "sample.quantize": None,
+    "sample.compile": False,
 }
 
 STAGES = ("download", "encode", "train", "sample")
@@ -282,6 +323,34 @@ def read_params(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
+def nested(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Dotted keys ({"train.seed": 1}) as params.yaml's sections ({"train": {"seed": 1}}), in their order."""
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in params.items():
+        section, name = key.split(".", 1)
+        sections.setdefault(section, {})[name] = value
+    return sections
+
+
+def write_params(path: Path, params: dict[str, Any]) -> Path:
+    """Write dotted-key `params` (TINY_PARAMS with changes, say) as the params.yaml at `path`. Returns `path`."""
+    path.write_text(yaml.safe_dump(nested(params), sort_keys=False), encoding="utf-8")
+    return path
+
+
+def tiny_config(overrides: dict[str, Any] | None = None) -> Config:
+    """TINY_PARAMS with dotted-key `overrides`, validated as a stage validates params.yaml, for tests that call
+    the package directly: `tiny_config({"model.n_layer": 1}).model`."""
+    return config_from_dict(nested({**TINY_PARAMS, **(overrides or {})}))
+
+
+def workspace_params() -> Path:
+    """The repository's own params.yaml. Only for the tests that pin its defaults on purpose (the documented
+    defaults, the schema, configs/*.args); every other test runs on TINY_PARAMS, so editing the workspace file
+    changes nothing else."""
+    return PROJECT_ROOT / "params.yaml"
+
+
 def set_params(path: Path, overrides: dict[str, Any], new_keys: bool = False) -> None:
     """Rewrite the params.yaml at `path` with dotted-key overrides ({"train.max_iters": 30}; DELETE removes the
     key). A key must exist unless `new_keys` (for tests of a misspelt parameter)."""
@@ -289,7 +358,7 @@ def set_params(path: Path, overrides: dict[str, Any], new_keys: bool = False) ->
     for key, value in overrides.items():
         section, name = key.split(".", 1)
         if name not in params[section] and not new_keys:
-            raise KeyError(f"{key} is not in {path}: TINY_PARAMS is out of date")
+            raise KeyError(f"{key} is not in {path}: a misspelt key, or one missing from TINY_PARAMS")
         if value is DELETE:
             del params[section][name]
         else:
@@ -304,10 +373,10 @@ def make_project(
     overrides: dict[str, Any] | None = None,
     corpus: bytes | None = None,
 ) -> Path:
-    """Copy the project's pipeline into `dest`, apply TINY_PARAMS, the corpus `url`/`sha256` (if given) and
-    `overrides`, and commit it all as the first commit of a new git repository on branch main. With `corpus`,
-    data/input.txt is already in place (as if downloaded; git-ignored), for tests that run stages directly.
-    Returns `dest`."""
+    """Copy the project's pipeline (code and dvc.yaml) into `dest` with TINY_PARAMS as its params.yaml, plus the
+    corpus `url`/`sha256` (if given) and `overrides`, and commit it all as the first commit of a new git repository
+    on branch main. With `corpus`, data/input.txt is already in place (as if downloaded; git-ignored), for tests
+    that run stages directly. Returns `dest`."""
     dest.mkdir(parents=True)
     for name in PROJECT_FILES:
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
@@ -315,7 +384,10 @@ def make_project(
     for name in PROJECT_PACKAGES:
         shutil.copytree(PROJECT_ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     source = {"data.url": url, "data.sha256": sha256} if url is not None else {}
-    set_params(dest / "params.yaml", {**TINY_PARAMS, **source, **(overrides or {})})
+    unknown = sorted(set(overrides or {}) - set(TINY_PARAMS))
+    if unknown:
+        raise KeyError(f"{', '.join(unknown)}: not in TINY_PARAMS (misspelt, or missing there)")
+    write_params(dest / "params.yaml", {**TINY_PARAMS, **source, **(overrides or {})})
     if corpus is not None:
         (dest / "data" / "input.txt").write_bytes(corpus)
     git(dest, "init", "-q", "--initial-branch=main")
@@ -346,7 +418,7 @@ def snapshot(project: Path, folders: tuple[str, ...] = ("data", "out", "metrics"
 
 @pytest.fixture
 def project(tmp_path: Path, http_server: str, corpus: Corpus) -> Path:
-    """A fresh, committed copy of the pipeline with TINY_PARAMS on CPU, downloading from the loopback server;
+    """A fresh, committed copy of the pipeline with TINY_PARAMS (on the CPU), downloading from the loopback server;
     nothing has run yet (no dvc.lock)."""
     return make_project(tmp_path / "project", http_server, corpus.sha256)
 

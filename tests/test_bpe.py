@@ -13,7 +13,6 @@ import json
 import math
 import os
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,8 +33,8 @@ from conftest import (
     output,
     ran_stages,
     restored_stages,
-    set_params,
     skipped_stages,
+    write_params,
 )
 from nanogpt.checkpoint import load_checkpoint
 from nanogpt.config import load_config
@@ -176,8 +175,7 @@ def tiny_run(root: Path, kind: str) -> TinyRun:
     text = corpus_text()
     (root / "data").mkdir(parents=True)
     (root / "data/input.txt").write_text(text, encoding="utf-8")
-    shutil.copy2(PROJECT_ROOT / "params.yaml", root / "params.yaml")
-    set_params(
+    write_params(
         root / "params.yaml",
         {
             **TINY_PARAMS,
@@ -451,5 +449,5 @@ def test_char_and_bpe_runs_compare_on_best_val_bpc(experiments: Experiments) -> 
         data = runs[name]
         assert data["params"]["params.yaml"]["data"]["encode"]["tokenizer"] == kind
         assert data["metrics"]["metrics/train.json"]["data"]["best_val_bpc"] == bpc
-    assert runs["bpe-512"]["params"]["params.yaml"]["data"]["encode"]["vocab_size"] == 512
+    assert runs["bpe-512"]["params"]["params.yaml"]["data"]["encode"]["vocab_size"] == TINY_PARAMS["encode.vocab_size"]
     assert runs["bpe-300"]["params"]["params.yaml"]["data"]["encode"]["vocab_size"] == 300

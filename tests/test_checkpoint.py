@@ -5,15 +5,15 @@ import os
 import pytest
 import torch
 
+from conftest import tiny_config
 from nanogpt.checkpoint import ResumeState, ResumeStore, load_checkpoint, resume_key, save_checkpoint
-from nanogpt.config import ModelConfig
 from nanogpt.errors import UserError
-from nanogpt.model import GPT, NANOGPT_ARCHITECTURE
+from nanogpt.model import GPT
 from nanogpt.tokenizer import CharTokenizer
 
-TINY = ModelConfig(
-    block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.1, gradient_checkpointing=False, **NANOGPT_ARCHITECTURE
-)
+TINY = tiny_config(
+    {"model.block_size": 8, "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 16, "model.dropout": 0.1}
+).model
 TOKENIZER = CharTokenizer.fit("\n abcdefghij")
 
 

@@ -1,5 +1,10 @@
-"""params.yaml is read once into typed dataclasses; every problem in it is reported in one message."""
+"""params.yaml is read once into typed dataclasses; every problem in it is reported in one message.
 
+The tests run on the tests' own params (TINY_PARAMS). The workspace's params.yaml is read only by the tests that
+pin its defaults on purpose, under "the workspace's defaults" below.
+"""
+
+import dataclasses
 import itertools
 import json
 import re
@@ -12,19 +17,24 @@ import jsonschema
 import pytest
 import yaml
 
-from nanogpt.config import load_config
+from conftest import PROJECT_ROOT, TINY_PARAMS, nested, workspace_params, write_params
+from nanogpt.config import Config, load_config
 from nanogpt.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
-REPO_PARAMS = REPO / "params.yaml"
-SCHEMA = REPO / "params.schema.json"
+SCHEMA = PROJECT_ROOT / "params.schema.json"
 
 
-def write_params(
+@pytest.fixture(scope="module")
+def params(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """TINY_PARAMS as a params.yaml file; don't change it."""
+    return write_params(tmp_path_factory.mktemp("params") / "params.yaml", TINY_PARAMS)
+
+
+def edited_params(
     tmp_path: Path, edit: dict[str, dict[str, object]] | None = None, drop: dict[str, list[str]] | None = None
 ) -> Path:
-    """A copy of the repository's params.yaml with some values replaced (`edit`) or removed (`drop`)."""
-    raw = yaml.safe_load(REPO_PARAMS.read_text(encoding="utf-8"))
+    """TINY_PARAMS as a params.yaml with some values replaced (`edit`) or removed (`drop`)."""
+    raw = nested(TINY_PARAMS)
     for section, values in (edit or {}).items():
         raw.setdefault(section, {}).update(values)
     for section, names in (drop or {}).items():
@@ -41,44 +51,32 @@ def problems_of(path: Path, overrides: dict[str, object] | None = None) -> str:
     return str(info.value)
 
 
-def test_repo_params_give_the_documented_defaults():
-    cfg = load_config(REPO_PARAMS)
+def test_tiny_params_hold_every_key_of_the_config():
+    """The tests' params are complete: a key added to nanogpt/config.py must get a value in TINY_PARAMS, or the
+    tests would silently run on a default they don't own (or a stage would fail with `missing ...`)."""
+    keys = [
+        f"{section.name}.{key.name}"
+        for section in dataclasses.fields(Config)
+        for key in dataclasses.fields(section.type)
+    ]
 
-    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (6, 6, 384)
-    assert cfg.model.block_size == 256
-    assert cfg.model.head_size == 64
-    assert cfg.model.dropout == 0.2
-    assert cfg.model.gradient_checkpointing is False
-    assert cfg.train.batch_size == 64
-    # measured defaults (BENCHMARKS.md): Muon for the hidden matrices reaches nanoGPT's best val loss
-    # in 1500 steps; AdamW keeps lr 1e-3 for the embeddings and norms
-    assert cfg.train.learning_rate == pytest.approx(1e-3)
-    assert cfg.train.muon_learning_rate == pytest.approx(0.02)
-    assert cfg.train.max_iters == 1500
-    assert cfg.train.warmup_iters == 100
-    assert cfg.train.min_lr == pytest.approx(0.1)
-    assert cfg.train.optimizer == "muon"
-    assert cfg.train.eval_iters is None
-    assert cfg.train.device == "auto"
-    assert cfg.train.compile == "auto"
-    assert cfg.encode.tokenizer == "char"
-    assert cfg.encode.val_fraction == pytest.approx(0.1)
-    assert cfg.data.url.startswith("https://")
-    assert len(cfg.data.sha256) == 64
-    assert cfg.sample.top_k is None and cfg.sample.top_p is None
-    assert cfg.sample.prompt == "\n"
+    missing = [key for key in keys if key not in TINY_PARAMS]
+    unknown = [key for key in TINY_PARAMS if key not in keys]
+
+    assert not missing, f"add {', '.join(missing)} to TINY_PARAMS in tests/conftest.py, with the value tests run with"
+    assert not unknown, f"remove {', '.join(unknown)} from TINY_PARAMS in tests/conftest.py: not in nanogpt/config.py"
 
 
-def test_dotted_overrides_replace_single_values():
-    default = load_config(REPO_PARAMS)
-    overrides = {"train.learning_rate": 3e-3, "model.n_layer": 2, "sample.top_k": 5}
+def test_dotted_overrides_replace_single_values(params):
+    default = load_config(params)
+    overrides = {"train.learning_rate": 3e-3, "model.n_layer": 3, "sample.top_k": 5}
     # each override must change something, or the test cannot tell an ignored override from an applied one
-    assert default.train.learning_rate != 3e-3 and default.model.n_layer != 2 and default.sample.top_k != 5
+    assert default.train.learning_rate != 3e-3 and default.model.n_layer != 3 and default.sample.top_k != 5
 
-    cfg = load_config(REPO_PARAMS, overrides)
+    cfg = load_config(params, overrides)
 
     assert cfg.train.learning_rate == pytest.approx(3e-3)
-    assert cfg.model.n_layer == 2
+    assert cfg.model.n_layer == 3
     assert cfg.sample.top_k == 5
     assert cfg.train.batch_size == default.train.batch_size  # untouched
 
@@ -92,33 +90,33 @@ def test_dotted_overrides_replace_single_values():
         ("a\\\\nb", "a\\nb"),  # \\ is one backslash, and the n after it stays an n
     ],
 )
-def test_prompt_escapes_mean_newline_tab_and_backslash(typed, meant):
-    assert load_config(REPO_PARAMS, {"sample.prompt": typed}).sample.prompt == meant
+def test_prompt_escapes_mean_newline_tab_and_backslash(params, typed, meant):
+    assert load_config(params, {"sample.prompt": typed}).sample.prompt == meant
 
 
 @pytest.mark.parametrize(
     ("typed", "named"),
     [("a\\mb\\q", "has unknown escapes \\m, \\q"), ("ends with \\", "has an unknown escape \\ at the end")],
 )
-def test_unknown_prompt_escapes_are_named(typed, named):
+def test_unknown_prompt_escapes_are_named(params, typed, named):
     with pytest.raises(UserError, match="sample.prompt " + re.escape(named) + r": use \\n \(newline\)"):
-        load_config(REPO_PARAMS, {"sample.prompt": typed})
+        load_config(params, {"sample.prompt": typed})
 
 
-def test_override_of_unknown_section_is_rejected():
-    message = problems_of(REPO_PARAMS, {"nosuch.thing": 1})
+def test_override_of_unknown_section_is_rejected(params):
+    message = problems_of(params, {"nosuch.thing": 1})
 
     assert "nosuch.thing" in message
 
 
-def test_override_of_unknown_name_in_a_known_section_is_rejected():
-    message = problems_of(REPO_PARAMS, {"train.learning_rat": 1e-3})
+def test_override_of_unknown_name_in_a_known_section_is_rejected(params):
+    message = problems_of(params, {"train.learning_rat": 1e-3})
 
     assert "train.learning_rat" in message
 
 
 def test_every_problem_is_reported_in_one_message(tmp_path):
-    path = write_params(
+    path = edited_params(
         tmp_path,
         edit={
             "model": {"n_embd": 384, "n_head": 5},
@@ -140,10 +138,17 @@ def test_every_problem_is_reported_in_one_message(tmp_path):
     assert "missing data.timeout" in message
 
 
-def test_a_type_error_hides_no_range_error_in_the_same_section():
+def test_a_type_error_hides_no_range_error_in_the_same_section(params):
     message = problems_of(
-        REPO_PARAMS,
-        {"train.batch_size": "x", "train.device": "tpu", "train.beta1": 1.5, "model.n_layer": "two", "model.n_head": 5},
+        params,
+        {
+            "train.batch_size": "x",
+            "train.device": "tpu",
+            "train.beta1": 1.5,
+            "model.n_layer": "two",
+            "model.n_head": 5,
+            "model.n_embd": 384,
+        },
     )
 
     assert message.count(";") == 4
@@ -170,8 +175,8 @@ def test_a_type_error_hides_no_range_error_in_the_same_section():
         ("sample.top_k", "many", "sample.top_k must be an integer or null"),
     ],
 )
-def test_wrong_types_name_the_key_and_the_value(name, value, expected):
-    message = problems_of(REPO_PARAMS, {name: value})
+def test_wrong_types_name_the_key_and_the_value(params, name, value, expected):
+    message = problems_of(params, {name: value})
 
     assert expected in message
 
@@ -190,37 +195,34 @@ def test_wrong_types_name_the_key_and_the_value(name, value, expected):
         ("data.url", "ftp://example.com/x", "data.url must start with http://, https:// or file://"),
     ],
 )
-def test_out_of_range_values_name_the_key_and_the_value(name, value, expected):
-    message = problems_of(REPO_PARAMS, {name: value})
+def test_out_of_range_values_name_the_key_and_the_value(params, name, value, expected):
+    message = problems_of(params, {name: value})
 
     assert expected in message
 
 
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
-def test_known_devices_are_accepted(device):
-    assert load_config(REPO_PARAMS, {"train.device": device}).train.device == device
+def test_known_devices_are_accepted(params, device):
+    assert load_config(params, {"train.device": device}).train.device == device
 
 
 def test_missing_section_is_reported(tmp_path):
-    raw = yaml.safe_load(REPO_PARAMS.read_text(encoding="utf-8"))
-    del raw["sample"]
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    path = write_params(tmp_path / "params.yaml", {k: v for k, v in TINY_PARAMS.items() if not k.startswith("sample.")})
 
     assert "missing section 'sample'" in problems_of(path)
 
 
 def test_unknown_section_is_reported(tmp_path):
-    path = write_params(tmp_path, edit={"extra": {"a": 1}})
+    path = edited_params(tmp_path, edit={"extra": {"a": 1}})
 
     assert "unknown section 'extra'" in problems_of(path)
 
 
 def test_yaml_1_1_float_strings_are_accepted(tmp_path):
     # PyYAML reads 3e-4 (no dot) as a string; a user writing it still means a number
-    text = REPO_PARAMS.read_text(encoding="utf-8").replace("learning_rate: 0.001 ", "learning_rate: 3e-4 ")
-    assert "learning_rate: 3e-4" in text
-    path = tmp_path / "params.yaml"
+    path = write_params(tmp_path / "params.yaml", TINY_PARAMS)
+    text, replaced = re.subn(r"^( +learning_rate:) .*$", r"\1 3e-4", path.read_text(encoding="utf-8"), flags=re.M)
+    assert replaced == 1, text
     path.write_text(text, encoding="utf-8")
 
     cfg = load_config(path)
@@ -229,8 +231,8 @@ def test_yaml_1_1_float_strings_are_accepted(tmp_path):
     assert isinstance(cfg.train.learning_rate, float)
 
 
-def test_integers_are_accepted_where_numbers_are_expected():
-    cfg = load_config(REPO_PARAMS, {"train.grad_clip": 1, "sample.temperature": 0})
+def test_integers_are_accepted_where_numbers_are_expected(params):
+    cfg = load_config(params, {"train.grad_clip": 1, "sample.temperature": 0})
 
     assert cfg.train.grad_clip == 1.0 and isinstance(cfg.train.grad_clip, float)
     assert cfg.sample.temperature == 0.0
@@ -277,18 +279,16 @@ def overrides_in(args_file: Path) -> dict[str, object]:
 
 def test_committed_schema_is_what_the_models_generate():
     generated = subprocess.run(
-        [sys.executable, "-m", "nanogpt.config", "--schema"], cwd=REPO, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "nanogpt.config", "--schema"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
 
     assert generated == SCHEMA.read_text(encoding="utf-8"), (
         "params.schema.json is stale: python -m nanogpt.config --schema > params.schema.json"
     )
-
-
-def test_params_yaml_points_editors_at_the_schema():
-    first_line = REPO_PARAMS.read_text(encoding="utf-8").splitlines()[0]
-
-    assert first_line == f"# yaml-language-server: $schema={SCHEMA.name}"
 
 
 def test_schema_describes_every_key_and_holds_no_defaults():
@@ -302,19 +302,8 @@ def test_schema_describes_every_key_and_holds_no_defaults():
     assert all(section["additionalProperties"] is False for section in sections)
 
 
-def test_default_params_validate_against_the_schema():
-    assert schema_problems(yaml.safe_load(REPO_PARAMS.read_text(encoding="utf-8"))) == []
-
-
-@pytest.mark.parametrize("args_file", sorted((REPO / "configs").glob("*.args")), ids=lambda path: path.name)
-def test_each_configs_args_set_validates_against_the_schema(args_file):
-    raw = yaml.safe_load(REPO_PARAMS.read_text(encoding="utf-8"))
-    for key, value in overrides_in(args_file).items():
-        section, _, name = key.partition(".")
-        raw[section][name] = value
-
-    assert schema_problems(raw) == []
-    load_config(REPO_PARAMS, overrides_in(args_file))  # and the models accept it
+def test_tiny_params_validate_against_the_schema():
+    assert schema_problems(nested(TINY_PARAMS)) == []  # so that each rejection below is the changed key's
 
 
 @pytest.mark.parametrize(
@@ -330,10 +319,61 @@ def test_each_configs_args_set_validates_against_the_schema(args_file):
         ("train.learnig_rate", 0.001),
     ],
 )
-def test_schema_rejects_what_the_models_reject(name, value):
-    raw = yaml.safe_load(REPO_PARAMS.read_text(encoding="utf-8"))
-    section, _, key = name.partition(".")
-    raw[section][key] = value
+def test_schema_rejects_what_the_models_reject(params, name, value):
+    assert schema_problems(nested({**TINY_PARAMS, name: value}))
+    assert name in problems_of(params, {name: value})
 
-    assert schema_problems(raw)
-    assert name in problems_of(REPO_PARAMS, {name: value})
+
+# ---------------------------------------------------------------- the workspace's defaults, pinned on purpose
+# These read the workspace's params.yaml (workspace_params), and only these: editing it changes no other test.
+
+
+def test_workspace_params_give_the_documented_defaults():
+    """Pins the workspace params.yaml's defaults on purpose: changing one fails here, so that the README and
+    BENCHMARKS.md, which quote them, are updated with it (and this test)."""
+    cfg = load_config(workspace_params())
+
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (6, 6, 384)
+    assert cfg.model.block_size == 256
+    assert cfg.model.head_size == 64
+    assert cfg.model.dropout == 0.2
+    assert cfg.model.gradient_checkpointing is False
+    assert cfg.train.batch_size == 64
+    # measured defaults (BENCHMARKS.md): Muon for the hidden matrices reaches nanoGPT's best val loss
+    # in 1500 steps; AdamW keeps lr 1e-3 for the embeddings and norms
+    assert cfg.train.learning_rate == pytest.approx(1e-3)
+    assert cfg.train.muon_learning_rate == pytest.approx(0.02)
+    assert cfg.train.max_iters == 1500
+    assert cfg.train.warmup_iters == 100
+    assert cfg.train.min_lr == pytest.approx(0.1)
+    assert cfg.train.optimizer == "muon"
+    assert cfg.train.eval_iters is None
+    assert cfg.train.device == "auto"
+    assert cfg.train.compile == "auto"
+    assert cfg.encode.tokenizer == "char"
+    assert cfg.encode.val_fraction == pytest.approx(0.1)
+    assert cfg.data.url.startswith("https://")
+    assert len(cfg.data.sha256) == 64
+    assert cfg.sample.top_k is None and cfg.sample.top_p is None
+    assert cfg.sample.prompt == "\n"
+
+
+def test_params_yaml_points_editors_at_the_schema():
+    first_line = workspace_params().read_text(encoding="utf-8").splitlines()[0]
+
+    assert first_line == f"# yaml-language-server: $schema={SCHEMA.name}"
+
+
+def test_default_params_validate_against_the_schema():
+    assert schema_problems(yaml.safe_load(workspace_params().read_text(encoding="utf-8"))) == []
+
+
+@pytest.mark.parametrize("args_file", sorted((PROJECT_ROOT / "configs").glob("*.args")), ids=lambda path: path.name)
+def test_each_configs_args_set_validates_against_the_schema(args_file):
+    raw = yaml.safe_load(workspace_params().read_text(encoding="utf-8"))
+    for key, value in overrides_in(args_file).items():
+        section, _, name = key.partition(".")
+        raw[section][name] = value
+
+    assert schema_problems(raw) == []
+    load_config(workspace_params(), overrides_in(args_file))  # and the models accept it

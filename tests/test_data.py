@@ -7,15 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanogpt.config import ModelConfig
+from conftest import tiny_config
 from nanogpt.data import IGNORE, bits_per_char, eval_windows, evaluate, get_batch, load_tokens, read_corpus
 from nanogpt.errors import UserError
 from nanogpt.files import torch_save
-from nanogpt.model import GPT, NANOGPT_ARCHITECTURE
+from nanogpt.model import GPT
 
-TINY = ModelConfig(
-    block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=0.0, gradient_checkpointing=False, **NANOGPT_ARCHITECTURE
-)
+TINY = tiny_config(
+    {"model.block_size": 8, "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16, "model.dropout": 0.0}
+).model
 VOCAB = 7
 
 

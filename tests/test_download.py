@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import pytest
 
+from conftest import tiny_config
 from nanogpt import download as download_module
 from nanogpt.config import DataConfig
 from nanogpt.download import download
@@ -79,7 +80,7 @@ def dest(tmp_path: Path) -> Path:
 
 
 def cfg(url: str, sha: str = SHA, timeout: float = 5.0, retries: int = 0) -> DataConfig:
-    return DataConfig(url=url, sha256=sha, timeout=timeout, retries=retries)
+    return tiny_config({"data.url": url, "data.sha256": sha, "data.timeout": timeout, "data.retries": retries}).data
 
 
 def assert_untouched(dest: Path) -> None:

@@ -18,9 +18,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import PROJECT_ROOT, git, make_corpus, run_stage, tool_env
+from conftest import PROJECT_ROOT, TINY_PARAMS, git, make_corpus, run_stage, tiny_config, tool_env, write_params
 from nanogpt.checkpoint import load_checkpoint, save_checkpoint
-from nanogpt.config import ModelConfig, load_config
+from nanogpt.config import ModelConfig
 from nanogpt.engine import generate  # the project's sampler: the one import of it here
 from nanogpt.errors import UserError
 from nanogpt.export import export_checkpoint, export_hf
@@ -30,7 +30,6 @@ from nanogpt.tokenizer import BpeTokenizer, CharTokenizer, Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
-PARAMS = PROJECT_ROOT / "params.yaml"
 MODEL = {"model.block_size": 128, "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.dropout": 0.0}
 PROMPT = "ROMEO:\nGood night, sweet; my lord!\n"
 VAL_LOSS, VAL_BPC = 2.5, 3.6  # what the training summary says; the export copies them into the model card
@@ -46,7 +45,7 @@ class Export(NamedTuple):
 def train_tiny(tokenizer: Tokenizer, text: str, steps: int = 60) -> GPT:
     """A model that has learned a little (so its greedy text is not constant), in about a second."""
     torch.manual_seed(0)
-    model = GPT(load_config(PARAMS, MODEL).model, tokenizer.vocab_size)
+    model = GPT(tiny_config(MODEL).model, tokenizer.vocab_size)
     data = torch.tensor(tokenizer.encode(text))
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     for _ in range(steps):
@@ -69,7 +68,7 @@ def export(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     checkpoint, summary = folder / "ckpt.pt", folder / "train.json"
     save_checkpoint(checkpoint, train_tiny(tokenizer, text), tokenizer, step=60, val_loss=VAL_LOSS)
     summary.write_text(json.dumps({"best_val_loss": VAL_LOSS, "best_val_bpc": VAL_BPC}))
-    cfg = load_config(PARAMS, {**MODEL, "encode.tokenizer": kind, "encode.vocab_size": 300})
+    cfg = tiny_config({**MODEL, "encode.tokenizer": kind, "encode.vocab_size": 300})
     export_checkpoint(checkpoint, summary, cfg, folder / "hf")
     return Export(folder / "hf", checkpoint, tokenizer, text)
 
@@ -154,7 +153,7 @@ def test_model_card_reports_the_checkpoints_scores(export: Export) -> None:
 
 def test_generation_config_carries_the_sample_settings(export: Export) -> None:
     generation = transformers.GenerationConfig.from_pretrained(export.folder)
-    sample = load_config(PARAMS).sample  # temperature 1.0, no top-k, no top-p
+    sample = tiny_config().sample  # temperature 1.0, no top-k, no top-p
 
     assert generation.do_sample
     assert generation.temperature == sample.temperature
@@ -172,14 +171,14 @@ class RotaryModelConfig(ModelConfig):
 def refused(model: GPT, tmp_path: Path) -> str:
     """The one-line message of the export's refusal; nothing written."""
     with pytest.raises(UserError) as info:
-        export_hf(model, CharTokenizer("\n abc"), load_config(PARAMS).sample, "card", tmp_path / "hf")
+        export_hf(model, CharTokenizer("\n abc"), tiny_config().sample, "card", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
     return str(info.value)
 
 
 def test_an_option_without_a_gpt2_equivalent_is_refused_by_name(tmp_path: Path) -> None:
-    cfg = load_config(PARAMS, MODEL).model
+    cfg = tiny_config(MODEL).model
     model = GPT(cfg, 5)
     model.cfg = RotaryModelConfig(**dataclasses.asdict(cfg))
 
@@ -189,7 +188,7 @@ def test_an_option_without_a_gpt2_equivalent_is_refused_by_name(tmp_path: Path) 
 
 
 def test_a_parameter_without_a_gpt2_equivalent_is_refused_by_name(tmp_path: Path) -> None:
-    model = GPT(load_config(PARAMS, MODEL).model, 5)
+    model = GPT(tiny_config(MODEL).model, 5)
     model.blocks[0].attn.register_buffer("inv_freq", torch.ones(4))  # as rotary embeddings would add
 
     message = refused(model, tmp_path)
@@ -199,11 +198,11 @@ def test_a_parameter_without_a_gpt2_equivalent_is_refused_by_name(tmp_path: Path
 
 def test_a_truncated_checkpoint_is_refused_by_name(tmp_path: Path) -> None:
     checkpoint = tmp_path / "ckpt.pt"
-    save_checkpoint(checkpoint, GPT(load_config(PARAMS, MODEL).model, 5), CharTokenizer("\n abc"), 1, val_loss=1.0)
+    save_checkpoint(checkpoint, GPT(tiny_config(MODEL).model, 5), CharTokenizer("\n abc"), 1, val_loss=1.0)
     checkpoint.write_bytes(checkpoint.read_bytes()[:2000])
 
     with pytest.raises(UserError, match="is corrupt or not a file this project wrote"):
-        export_checkpoint(checkpoint, tmp_path / "train.json", load_config(PARAMS, MODEL), tmp_path / "hf")
+        export_checkpoint(checkpoint, tmp_path / "train.json", tiny_config(MODEL), tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 
 
@@ -212,7 +211,8 @@ def test_a_foreign_checkpoint_is_a_one_line_error_and_keeps_the_last_export(tmp_
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")  # an earlier export, which must survive
     env = {**tool_env(tmp_path), "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
-    args = ["--params", str(PARAMS), "--checkpoint", "bad.pt", "--metrics", "train.json", "--output", "hf"]
+    write_params(tmp_path / "params.yaml", TINY_PARAMS)
+    args = ["--params", "params.yaml", "--checkpoint", "bad.pt", "--metrics", "train.json", "--output", "hf"]
 
     proc = subprocess.run(
         [sys.executable, "-m", "stages.export", *args],

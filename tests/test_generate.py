@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from nanogpt.config import ModelConfig
+from conftest import tiny_config
 from nanogpt.engine import generate
 from nanogpt.generate import SamplingParams, context_length, generate_reference, logits_to_probs, sample
-from nanogpt.model import GPT, NANOGPT_ARCHITECTURE
+from nanogpt.model import GPT
 
 VOCAB = 13
 GREEDY = SamplingParams(temperature=0.0, top_k=None, top_p=None)
@@ -35,9 +35,9 @@ def kept(probs: torch.Tensor) -> set[int]:
 def model() -> GPT:
     """A small random model whose next-token distributions are far from uniform (GPT-2's init gives near-ties)."""
     torch.manual_seed(0)
-    cfg = ModelConfig(
-        block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, gradient_checkpointing=False, **NANOGPT_ARCHITECTURE
-    )
+    cfg = tiny_config(
+        {"model.block_size": 16, "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.dropout": 0.0}
+    ).model
     model = GPT(cfg, VOCAB).eval()
     with torch.no_grad():
         for p in model.parameters():

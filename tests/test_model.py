@@ -5,13 +5,14 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import tiny_config
 from nanogpt.config import ModelConfig
 from nanogpt.engine import setup_kv_cache
-from nanogpt.model import GPT, NANOGPT_ARCHITECTURE
+from nanogpt.model import GPT
 
-TINY = ModelConfig(
-    block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, gradient_checkpointing=False, **NANOGPT_ARCHITECTURE
-)
+TINY = tiny_config(
+    {"model.block_size": 16, "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.dropout": 0.0}
+).model
 VOCAB = 11
 
 
@@ -76,15 +77,9 @@ def test_lm_head_is_tied_to_the_token_embedding():
 
 
 def test_default_model_has_about_10_7_million_parameters():
-    cfg = ModelConfig(
-        block_size=256,
-        n_layer=6,
-        n_head=6,
-        n_embd=384,
-        dropout=0.2,
-        gradient_checkpointing=False,
-        **NANOGPT_ARCHITECTURE,
-    )
+    cfg = tiny_config(
+        {"model.block_size": 256, "model.n_layer": 6, "model.n_head": 6, "model.n_embd": 384, "model.dropout": 0.2}
+    ).model
 
     n = GPT(cfg, 65).num_params()
 

@@ -3,19 +3,19 @@
 import copy
 import dataclasses
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
 
-from nanogpt.config import ModelConfig, TrainConfig, load_config
-from nanogpt.model import GPT, NANOGPT_ARCHITECTURE
+from conftest import tiny_config
+from nanogpt.config import TrainConfig
+from nanogpt.model import GPT
 from nanogpt.optim import build_optimizers, lr_factor, set_lr
 
-TRAIN = load_config(Path(__file__).resolve().parents[1] / "params.yaml").train
-TINY = ModelConfig(
-    block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0, gradient_checkpointing=False, **NANOGPT_ARCHITECTURE
-)
+TRAIN = tiny_config().train
+TINY = tiny_config(
+    {"model.block_size": 8, "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 16, "model.dropout": 0.0}
+).model
 
 
 def schedule(warmup: int = 100, max_iters: int = 1100, min_lr: float = 0.1) -> TrainConfig:

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_config
 from nanogpt import quantize
-from nanogpt.config import ModelConfig
 from nanogpt.engine import generate
 from nanogpt.generate import SamplingParams, context_length, generate_reference, logits_to_probs
-from nanogpt.model import GPT, NANOGPT_ARCHITECTURE
+from nanogpt.model import GPT
 from nanogpt.quantize import Int8Linear, Int8MLP, quantize_int8
 
 VOCAB = 17
@@ -17,9 +17,9 @@ VOCAB = 17
 @pytest.fixture
 def model() -> GPT:
     torch.manual_seed(0)
-    cfg = ModelConfig(
-        block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, gradient_checkpointing=False, **NANOGPT_ARCHITECTURE
-    )
+    cfg = tiny_config(
+        {"model.block_size": 16, "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.dropout": 0.0}
+    ).model
     return GPT(cfg, VOCAB).eval()
 
 

@@ -6,52 +6,33 @@ import sys
 import pytest
 import torch
 
+from conftest import tiny_config
 from nanogpt import runtime
-from nanogpt.config import ModelConfig, TrainConfig
-from nanogpt.model import GPT, NANOGPT_ARCHITECTURE
+from nanogpt.config import ModelConfig
+from nanogpt.model import GPT
 from nanogpt.optim import build_optimizers, set_lr
 from nanogpt.step import CapturedStep, TrainStep, build_train_step
 
 
 def model_config(dropout: float = 0.0) -> ModelConfig:
-    return ModelConfig(
-        block_size=16,
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        dropout=dropout,
-        gradient_checkpointing=False,
-        **NANOGPT_ARCHITECTURE,
-    )
+    return tiny_config(
+        {"model.block_size": 16, "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.dropout": dropout}
+    ).model
 
 
 MODEL = model_config()
-TRAIN = TrainConfig(
-    batch_size=4,
-    learning_rate=1e-3,
-    max_iters=10,
-    warmup_iters=2,
-    schedule="cosine",
-    cooldown=0.2,
-    min_lr=0.1,
-    weight_decay=0.1,
-    beta1=0.9,
-    beta2=0.99,
-    grad_clip=1.0,
-    ema=0.0,
-    optimizer="muon",
-    muon_learning_rate=0.02,
-    grad_accum_steps=1,
-    eval_interval=5,
-    eval_iters=None,
-    resume_interval=0,
-    device="cpu",
-    dtype="fp32",
-    compile=False,
-    compile_mode="reduce-overhead",
-    seed=0,
-    tensorboard=False,
-)
+TRAIN = tiny_config(
+    {
+        "train.batch_size": 4,
+        "train.max_iters": 10,
+        "train.warmup_iters": 2,
+        "train.optimizer": "muon",
+        "train.eval_interval": 5,
+        "train.eval_iters": None,
+        "train.resume_interval": 0,
+        "train.seed": 0,
+    }
+).train
 VOCAB = 11
 
 

@@ -7,13 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_config
 from nanogpt import files
-from nanogpt.config import load_config
 from nanogpt.optim import lr_factor
 from nanogpt.tokenizer import CharTokenizer, save_tokenizer, split_text
 from nanogpt.train import TrainPaths, train
 
-REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 TINY = {
     "model.block_size": 16,
     "model.n_layer": 1,
@@ -50,7 +49,7 @@ def paths_under(folder: Path) -> TrainPaths:
 def test_tensorboard_events_are_written_when_asked(tmp_path):
     encoded_data(tmp_path / "data")
     paths = paths_under(tmp_path)
-    cfg = load_config(REPO_PARAMS, {**TINY, "train.tensorboard": True})
+    cfg = tiny_config({**TINY, "train.tensorboard": True})
 
     summary = train(cfg, paths, show_progress=False)
 
@@ -63,7 +62,7 @@ def test_tensorboard_events_are_written_when_asked(tmp_path):
 def test_no_tensorboard_folder_by_default(tmp_path):
     encoded_data(tmp_path / "data")
     paths = paths_under(tmp_path)
-    cfg = load_config(REPO_PARAMS, TINY)
+    cfg = tiny_config(TINY)
     assert dataclasses.asdict(cfg.train)["tensorboard"] is False
 
     train(cfg, paths, show_progress=False)
@@ -78,7 +77,7 @@ def test_the_logged_lr_is_the_one_the_optimizer_used(tmp_path):
     encoded_data(tmp_path / "data")
     paths = paths_under(tmp_path)
     overrides = {**TINY, "train.max_iters": 8, "train.warmup_iters": 2, "train.min_lr": 0.1}
-    cfg = load_config(REPO_PARAMS, {**overrides, "train.learning_rate": 2e-3})
+    cfg = tiny_config({**overrides, "train.learning_rate": 2e-3})
 
     train(cfg, paths, show_progress=False)
 
@@ -96,7 +95,7 @@ def run_tiny(folder: Path, overrides: dict) -> tuple[list[float], float]:
     """Train TINY plus `overrides` on the CPU in `folder`; the per-step train losses and the last val loss."""
     encoded_data(folder / "data")
     paths = TrainPaths(folder / "data", folder / "ckpt.pt", folder / "resume", folder / "metrics", folder / "tb")
-    train(load_config(REPO_PARAMS, {**TINY, **overrides}), paths, show_progress=False)
+    train(tiny_config({**TINY, **overrides}), paths, show_progress=False)
     with open(folder / "metrics/train_loss.tsv", encoding="utf-8") as f:
         losses = [float(row["train_loss"]) for row in csv.DictReader(f, delimiter="\t")]
     with open(folder / "metrics/val_loss.tsv", encoding="utf-8") as f:
