@@ -164,8 +164,8 @@ def test_generation_config_carries_the_sample_settings(export: Export) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class RotaryModelConfig(ModelConfig):
-    rotary: bool = True  # a future option that GPT-2 has no equivalent for
+class FutureModelConfig(ModelConfig):
+    alibi: bool = True  # a future option that nobody mapped to GPT-2 yet
 
 
 def refused(model: GPT, tmp_path: Path) -> str:
@@ -180,11 +180,23 @@ def refused(model: GPT, tmp_path: Path) -> str:
 def test_an_option_without_a_gpt2_equivalent_is_refused_by_name(tmp_path: Path) -> None:
     cfg = tiny_config(MODEL).model
     model = GPT(cfg, 5)
-    model.cfg = RotaryModelConfig(**dataclasses.asdict(cfg))
+    model.cfg = FutureModelConfig(**dataclasses.asdict(cfg))
 
     message = refused(model, tmp_path)
 
-    assert "model.rotary" in message and "\n" not in message
+    assert "model.alibi" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("rope", True), ("qk_norm", True), ("mlp", "relu2"), ("tie_embeddings", False)],
+)
+def test_an_architecture_option_away_from_gpt2_is_refused_by_name(tmp_path: Path, option, value) -> None:
+    model = GPT(tiny_config({**MODEL, f"model.{option}": value}).model, 5)
+
+    message = refused(model, tmp_path)
+
+    assert f"model.{option} ({value!r}) has no GPT-2 equivalent" in message and "\n" not in message
 
 
 def test_a_parameter_without_a_gpt2_equivalent_is_refused_by_name(tmp_path: Path) -> None:

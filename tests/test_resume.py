@@ -242,6 +242,33 @@ def test_kill_and_resume_matches_uninterrupted_run(
     assert not (fresh_project / "out" / "resume").exists()
 
 
+# #14's options, all on: the weight average and the options' buffers must come back exactly too
+EVERY_OPTION = {
+    "model.rope": True,
+    "model.qk_norm": True,
+    "model.mlp": "relu2",
+    "model.tie_embeddings": False,
+    "train.schedule": "wsd",
+    "train.cooldown": 0.5,
+    "train.ema": 0.9,
+}
+
+
+@pytest.mark.slow
+def test_resume_with_every_option_on_matches_uninterrupted_run(encoded_project: Path, tmp_path: Path) -> None:
+    uninterrupted = copy_project(encoded_project, tmp_path / "uninterrupted")
+    set_params(uninterrupted / "params.yaml", EVERY_OPTION)
+    run_stage(uninterrupted, "train")
+    project = copy_project(encoded_project, tmp_path / "project")
+    set_params(project / "params.yaml", EVERY_OPTION)
+
+    stopped = signal_at_step(project, signal.SIGINT, 2 * EVAL_INTERVAL + 3)
+    assert stopped.returncode == 128 + signal.SIGINT, stopped.stderr
+    run_stage(project, "train")
+
+    assert_same_result(read_result(project), read_result(uninterrupted))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_dvc_repro_resumes_after_signal(

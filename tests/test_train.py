@@ -1,5 +1,6 @@
 """The training loop's optional outputs: TensorBoard event files next to the DVC metrics."""
 
+import contextlib
 import csv
 import dataclasses
 from pathlib import Path
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from nanogpt import files
+from nanogpt import data, files
+from nanogpt.checkpoint import load_checkpoint
 from nanogpt.optim import lr_factor
 from nanogpt.tokenizer import CharTokenizer, save_tokenizer, split_text
 from nanogpt.train import TrainPaths, train
@@ -135,3 +137,24 @@ def test_compiled_train_step_gives_eager_losses(tmp_path, monkeypatch):
 
     assert compiled_losses == pytest.approx(eager_losses, abs=1e-4)
     assert compiled_val == pytest.approx(eager_val, abs=1e-4)
+
+
+def test_with_ema_the_checkpoint_holds_the_average_that_was_evaluated(tmp_path):
+    """train.ema: evaluation and the best checkpoint use the moving average of the weights, not the last
+    weights; the checkpoint's val loss is that of its own weights."""
+    folder = tmp_path / "ema"
+    encoded_data(folder / "data")
+    paths = TrainPaths(folder / "data", folder / "ckpt.pt", folder / "resume", folder / "metrics", folder / "tb")
+    cfg = tiny_config({**TINY, "train.ema": 0.5, "train.eval_interval": 6, "train.eval_iters": None})
+    plain = tmp_path / "plain"
+    run_tiny(plain, {"train.eval_interval": 6})
+
+    summary = train(cfg, paths, show_progress=False)
+
+    model, _, info = load_checkpoint(paths.checkpoint)
+    last, _, _ = load_checkpoint(plain / "ckpt.pt")  # the same run without the average: its last weights
+    assert info["step"] == 6 == summary["best_step"]
+    assert not torch.equal(model.wte.weight, last.wte.weight)
+    evalset = data.eval_windows(data.load_tokens(folder / "data/val.pt"), cfg.model.block_size)
+    total, count = data.evaluate(model, evalset, cfg.train.batch_size, contextlib.nullcontext(), None, 0, 1)
+    assert float(total / count) == pytest.approx(info["val_loss"], rel=1e-5)
