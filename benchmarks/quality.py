@@ -82,6 +82,8 @@ def experiments(repo: Path, env: dict[str, str]) -> list[dict[str, Any]]:
                 if not metrics:
                     continue  # a failed experiment
                 row = {"name": rev.get("name"), "params": params, **{k: metrics.get(k) for k in METRICS}}
+                sample = (data.get("metrics") or {}).get("metrics/sample.json", {}).get("data", {})
+                row["sample_tokens_per_sec"] = sample.get("tokens_per_sec")
                 row["val_loss"] = val_series(repo, env, rev["rev"])
                 rows.append(row)
     return rows
