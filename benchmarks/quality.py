@@ -14,8 +14,10 @@ workspace. Writes benchmarks/results/<name>.json and <name>.md (`dvc exp show --
 
 import argparse
 import datetime
+import itertools
 import json
 import os
+import re
 import shlex
 import signal
 import statistics
@@ -85,14 +87,19 @@ def experiments(repo: Path, env: dict[str, str]) -> list[dict[str, Any]]:
                 sample = (data.get("metrics") or {}).get("metrics/sample.json", {}).get("data", {})
                 row["sample_tokens_per_sec"] = sample.get("tokens_per_sec")
                 row["val_loss"] = val_series(repo, env, rev["rev"])
-                rows.append(row)
+                if row["val_loss"]:  # else not committed: stopped by --time-limit, its train.json from mid-run
+                    rows.append(row)
     return rows
 
 
 def val_series(repo: Path, env: dict[str, str], rev: str) -> list[list[float]]:
     """[step, val_loss] of every evaluation of the experiment at `rev` (its metrics/val_loss.tsv, kept in git)."""
-    _, lines = run(["git", "show", f"{rev}:metrics/val_loss.tsv"], repo, env)
-    header, *rows = [line.split("\t") for _, line in lines if line]
+    shown = subprocess.run(
+        ["git", "show", f"{rev}:metrics/val_loss.tsv"], cwd=repo, env=env, capture_output=True, check=False
+    )
+    if shown.returncode:
+        return []
+    header, *rows = [line.split("\t") for line in shown.stdout.decode().splitlines() if line]
     step, loss = header.index("step"), header.index("val_loss")
     return [[int(row[step]), float(row[loss])] for row in rows]
 
@@ -128,6 +135,47 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda g: g["mean"])
 
 
+def expand(line: str) -> list[tuple[dict[str, Any], int | None]]:
+    """The experiments one `dvc exp run --queue` line queues, in DVC's grid order: (overrides without the seed,
+    seed)."""
+    import yaml
+
+    args = shlex.split(line)
+    sets = [args[i + 1].split("=", 1) for i, a in enumerate(args) if a == "-S"]
+    grid = [[(key, yaml.safe_load(v)) for v in value.split(",")] for key, value in sets]
+    out = []
+    for combo in itertools.product(*grid):
+        overrides = dict(combo)
+        seed = overrides.pop("train.seed", None)
+        out.append((overrides, seed))
+    return out
+
+
+def runs_from_log(log: str, configs: list[tuple[dict[str, Any], int]]) -> list[dict[str, Any]]:
+    """The runs of a sweep rebuilt from its `dvc exp run --run-all` output, for a sweep whose collection failed:
+    each experiment's block (`Reproducing experiment 'name'`), its evaluations (`step N: ... val X`) and the train
+    stage's summary line (`best_val_loss=...`). `configs`: (config, seed) of each queued experiment, in queue
+    order, which is the order a queue starts them in; an experiment with no summary line did not finish."""
+    blocks = re.split(r"^Reproducing experiment '([\w-]+)'$", log, flags=re.MULTILINE)[1:]
+    runs = []
+    for name, text, (config, seed) in zip(blocks[::2], blocks[1::2], configs, strict=False):
+        summary = re.search(r"^best_val_loss=.*$", text, flags=re.MULTILINE)
+        if summary is None:
+            continue
+        values = dict(item.split("=") for item in summary[0].split())
+        evals = re.findall(r"^step (\d+): .*\bval ([\d.]+)", text, flags=re.MULTILINE)
+        runs.append(
+            {
+                "name": name,
+                "config": config,
+                "seed": seed,
+                **{k: float(values[k]) if "." in values[k] else int(values[k]) for k in METRICS},
+                "val_loss": [[int(step), float(loss)] for step, loss in evals],
+            }
+        )
+    return runs
+
+
 def markdown(groups: list[dict[str, Any]]) -> str:
     lines = ["| config (changes from the defaults) | seeds | mean best val | min - max | train stage (s) |"]
     lines.append("|---|---|---|---|---|")
@@ -140,6 +188,38 @@ def markdown(groups: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(result: dict[str, Any], output: Path) -> None:
+    """Val loss against step of every run of a quality result file: the chosen config and the baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    groups = [
+        ("before #14 (defaults then)", result["baseline"], "tab:gray"),
+        ("after #14 (defaults now)", result, "tab:blue"),
+    ]
+    for label, group, color in groups:
+        for i, r in enumerate(group["runs"]):
+            steps, losses = zip(*r["val_loss"], strict=True)
+            ax.plot(
+                steps,
+                losses,
+                color=color,
+                alpha=0.8,
+                label=f"{label}, mean best {group['summary']['mean']:.4f}" if i == 0 else None,
+            )
+    ax.axhline(1.40, color="tab:red", linestyle=":", linewidth=1, label="1.40")
+    ax.set_ylim(1.35, 1.7)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("val loss (nats per character, whole split)")
+    ax.set_title(f"Validation loss, three seeds each ({result['card']}, {result['date']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(output, dpi=110)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--summary", type=Path, help="print the by-config table of a result file and stop")
@@ -148,11 +228,23 @@ def main() -> None:
     p.add_argument("--sweep", type=Path, action="append", help="a file of `dvc exp run --queue` argument lines")
     p.add_argument("--source", type=Path, default=ROOT, help="the code to run (default: this checkout)")
     p.add_argument("--jobs", type=int, default=4, help="experiments run at once")
+    p.add_argument("--plot", type=Path, help="plot a quality result file's runs (with -o) and stop")
+    p.add_argument("-o", "--output", type=Path, default=Path("benchmarks/quality_val_loss.png"))
+    p.add_argument("--from-log", type=Path, help="rebuild the runs of a sweep from its saved output (with --sweep)")
     p.add_argument("--time-limit", type=float, help="stop the queue after this many seconds, keep what finished")
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args()
     if args.summary is not None:
         print(markdown(summary(json.loads(args.summary.read_text())["runs"])))
+        return
+    if args.plot is not None:
+        plot(json.loads(args.plot.read_text()), args.output)
+        return
+    if args.from_log is not None:
+        lines = [line.split("#")[0].strip() for sweep in args.sweep for line in sweep.read_text().splitlines()]
+        configs = [experiment for line in lines if line for experiment in expand(line)]
+        runs = runs_from_log(args.from_log.read_text(), configs)
+        print(json.dumps({"runs": runs, "by_config": summary(runs)}, indent=2))
         return
     if args.data is None or args.name is None or not args.sweep:
         p.error("--data, --name and --sweep are required")

@@ -58,6 +58,12 @@ def check_exportable(model: GPT) -> float:
     for option, value in dataclasses.asdict(model.cfg).items():
         if option in NANOGPT_ARCHITECTURE and value == NANOGPT_ARCHITECTURE[option]:
             continue
+        if option in NANOGPT_ARCHITECTURE:
+            gpt2 = NANOGPT_ARCHITECTURE[option]
+            raise UserError(
+                f"cannot export to GPT-2: model.{option} ({value!r}) has no GPT-2 equivalent: train with "
+                f"`dvc exp run -S model.{option}={str(gpt2).lower()}` (nanoGPT's architecture) to export"
+            )
         if option not in GPT2_OPTIONS and option not in TRAINING_ONLY_OPTIONS:
             raise UserError(f"cannot export to GPT-2: model.{option} ({value!r}) has no GPT-2 equivalent")
     if model.lm_head.weight is not model.wte.weight:
