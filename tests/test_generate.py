@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import cuda_devices
 from nanogpt.config import ModelConfig
 from nanogpt.engine import generate
 from nanogpt.generate import SamplingParams, context_length, generate_reference, logits_to_probs, sample
@@ -19,7 +20,7 @@ TOP_K = SamplingParams(temperature=0.8, top_k=4, top_p=None)
 TOP_P = SamplingParams(temperature=1.2, top_k=None, top_p=0.7)
 # the generator's CUDA path (decode steps replayed as CUDA graphs) is checked on every GPU present: on one
 # that is not the current device too
-DEVICES = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+DEVICES = ["cpu", *cuda_devices()]  # the CUDA ones marked gpu
 
 
 def log_probs(*probs: float) -> torch.Tensor:

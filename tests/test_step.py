@@ -117,7 +117,6 @@ def test_auto_compiles_only_what_is_not_captured():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_captured_step_trains_like_the_eager_step(dropout):
     """The same weights, batches and learning rates: the replayed graph computes the eager step's losses."""
