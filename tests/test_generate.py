@@ -11,7 +11,7 @@ from conftest import cuda_devices
 from nanogpt.config import ModelConfig
 from nanogpt.engine import generate
 from nanogpt.generate import SamplingParams, context_length, generate_reference, logits_to_probs, sample
-from nanogpt.model import GPT
+from nanogpt.model import GPT, KVCache
 
 VOCAB = 13
 GREEDY = SamplingParams(temperature=0.0, top_k=None, top_p=None)
@@ -32,17 +32,23 @@ def kept(probs: torch.Tensor) -> set[int]:
     return set(torch.nonzero(probs[0] > 0).flatten().tolist())
 
 
-@pytest.fixture(scope="module")
-def model() -> GPT:
+def peaked_model(block_size: int = 16, n_embd: int = 32) -> GPT:
     """A small random model whose next-token distributions are far from uniform (GPT-2's init gives near-ties)."""
     torch.manual_seed(0)
-    cfg = ModelConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, gradient_checkpointing=False)
+    cfg = ModelConfig(
+        block_size=block_size, n_layer=2, n_head=2, n_embd=n_embd, dropout=0.0, gradient_checkpointing=False
+    )
     model = GPT(cfg, VOCAB).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.3)
     return model
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    return peaked_model()
 
 
 def test_top_k_keeps_exactly_k_tokens():
@@ -272,6 +278,35 @@ def test_a_later_generation_reads_the_weights_as_they_are_then(model, device):
     assert torch.equal(
         generate(model, [1, 2], 30, 1, PLAIN, seed=0), generate_reference(model, [1, 2], 30, 1, PLAIN, seed=0)
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("params", [GREEDY, PLAIN, TOP_K], ids=["greedy", "plain", "top_k"])
+def test_cuda_graph_generation_of_full_runs_matches_the_reference(params):
+    """Context 128, where block_size 16 above stops short: decode runs of the full 32 steps (each one replayed
+    CUDA graph), cache positions past the kernel's first block of 64 keys, and slides; fp32, two samples. With seed
+    0 the closest call along these tokens is 3e-3 apart in logits (measured on the CPU), over a hundred times what
+    fp32 rounding moves them between the cached and the full forward, so equal tokens are not luck."""
+    model = peaked_model(block_size=128, n_embd=64).to("cuda")
+    assert KVCache(model.cfg, 2, torch.float32, model.device).decodes_in_kernel  # the Triton kernel, not SDPA
+
+    cached = generate(model, [1, 2, 3, 4, 5], 300, 2, params, seed=0)
+
+    assert torch.equal(cached, generate_reference(model, [1, 2, 3, 4, 5], 300, 2, params, seed=0))
+
+
+@pytest.mark.gpu
+def test_bf16_cuda_graph_generation_is_repeatable():
+    """In bf16 the cached tokens need not be the reference's (the kernel and SDPA round differently), but a
+    seed gives the same tokens every time: from the kept graphs, and from graphs captured anew for a copy."""
+    model = peaked_model(block_size=128, n_embd=64).to("cuda", torch.bfloat16)
+    assert KVCache(model.cfg, 2, torch.bfloat16, model.device).decodes_in_kernel
+
+    first = generate(model, [1, 2, 3], 200, 2, PLAIN, seed=4)
+
+    assert torch.equal(generate(model, [1, 2, 3], 200, 2, PLAIN, seed=4), first)
+    assert torch.equal(generate(copy.deepcopy(model), [1, 2, 3], 200, 2, PLAIN, seed=4), first)
+    assert not torch.equal(generate(model, [1, 2, 3], 200, 2, PLAIN, seed=5), first)
 
 
 @pytest.mark.slow
