@@ -148,6 +148,7 @@ def test_compiled_train_step_gives_eager_losses(tmp_path, monkeypatch):
         ("bf16", True, ["default"], 2e-3),
         ("fp16", True, ["reduce-overhead"], 2e-3),  # the grad scaler: not captured, torch.compile's CUDA graphs
     ],
+    ids=["fp32-captured", "fp32-captured-compiled", "bf16-captured-compiled", "fp16-compiled"],
 )
 def test_reduce_overhead_training_gives_eager_losses(tmp_path, monkeypatch, dtype, compile, compiled_as, tolerance):
     """train.compile_mode reduce-overhead on one GPU against the eager step (compile_mode default, no compile),
