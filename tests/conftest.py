@@ -167,6 +167,22 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test marked `gpu` is skipped where there is no CUDA device: `pytest -m gpu` selects the whole GPU set
+    on any machine and runs it where there is a GPU."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
+def cuda_devices() -> list[Any]:
+    """Every CUDA device as a `gpu`-marked param for tests parametrized over devices; without one, `cuda:0`,
+    which is then skipped."""
+    return [pytest.param(f"cuda:{i}", marks=pytest.mark.gpu) for i in range(max(1, torch.cuda.device_count()))]
+
+
 @pytest.fixture(scope="session")
 def corpus() -> Corpus:
     """The generated corpus (~40 KB) and its sha256, the same in every run."""

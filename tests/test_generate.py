@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import cuda_devices, tiny_config
 from nanogpt.engine import generate
 from nanogpt.generate import SamplingParams, context_length, generate_reference, logits_to_probs, sample
-from nanogpt.model import GPT
+from nanogpt.model import GPT, KVCache
 
 VOCAB = 13
 GREEDY = SamplingParams(temperature=0.0, top_k=None, top_p=None)
@@ -19,7 +19,7 @@ TOP_K = SamplingParams(temperature=0.8, top_k=4, top_p=None)
 TOP_P = SamplingParams(temperature=1.2, top_k=None, top_p=0.7)
 # the generator's CUDA path (decode steps replayed as CUDA graphs) is checked on every GPU present: on one
 # that is not the current device too
-DEVICES = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+DEVICES = ["cpu", *cuda_devices()]  # the CUDA ones marked gpu
 
 
 def log_probs(*probs: float) -> torch.Tensor:
@@ -31,12 +31,17 @@ def kept(probs: torch.Tensor) -> set[int]:
     return set(torch.nonzero(probs[0] > 0).flatten().tolist())
 
 
-@pytest.fixture(scope="module")
-def model() -> GPT:
+def peaked_model(block_size: int = 16, n_embd: int = 32) -> GPT:
     """A small random model whose next-token distributions are far from uniform (GPT-2's init gives near-ties)."""
     torch.manual_seed(0)
     cfg = tiny_config(
-        {"model.block_size": 16, "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.dropout": 0.0}
+        {
+            "model.block_size": block_size,
+            "model.n_layer": 2,
+            "model.n_head": 2,
+            "model.n_embd": n_embd,
+            "model.dropout": 0.0,
+        }
     ).model
     model = GPT(cfg, VOCAB).eval()
     with torch.no_grad():
@@ -44,6 +49,11 @@ def model() -> GPT:
             if p.dim() == 2:
                 p.normal_(0.0, 0.3)
     return model
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    return peaked_model()
 
 
 def test_top_k_keeps_exactly_k_tokens():
@@ -273,6 +283,35 @@ def test_a_later_generation_reads_the_weights_as_they_are_then(model, device):
     assert torch.equal(
         generate(model, [1, 2], 30, 1, PLAIN, seed=0), generate_reference(model, [1, 2], 30, 1, PLAIN, seed=0)
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("params", [GREEDY, PLAIN, TOP_K], ids=["greedy", "plain", "top_k"])
+def test_cuda_graph_generation_of_full_runs_matches_the_reference(params):
+    """Context 128, where block_size 16 above stops short: decode runs of the full 32 steps (each one replayed
+    CUDA graph), cache positions past the kernel's first block of 64 keys, and slides; fp32, two samples. With seed
+    0 the closest call along these tokens is 3e-3 apart in logits (measured on the CPU), over a hundred times what
+    fp32 rounding moves them between the cached and the full forward, so equal tokens are not luck."""
+    model = peaked_model(block_size=128, n_embd=64).to("cuda")
+    assert KVCache(model.cfg, 2, torch.float32, model.device).decodes_in_kernel  # the Triton kernel, not SDPA
+
+    cached = generate(model, [1, 2, 3, 4, 5], 300, 2, params, seed=0)
+
+    assert torch.equal(cached, generate_reference(model, [1, 2, 3, 4, 5], 300, 2, params, seed=0))
+
+
+@pytest.mark.gpu
+def test_bf16_cuda_graph_generation_is_repeatable():
+    """In bf16 the cached tokens need not be the reference's (the kernel and SDPA round differently), but a
+    seed gives the same tokens every time: from the kept graphs, and from graphs captured anew for a copy."""
+    model = peaked_model(block_size=128, n_embd=64).to("cuda", torch.bfloat16)
+    assert KVCache(model.cfg, 2, torch.bfloat16, model.device).decodes_in_kernel
+
+    first = generate(model, [1, 2, 3], 200, 2, PLAIN, seed=4)
+
+    assert torch.equal(generate(model, [1, 2, 3], 200, 2, PLAIN, seed=4), first)
+    assert torch.equal(generate(copy.deepcopy(model), [1, 2, 3], 200, 2, PLAIN, seed=4), first)
+    assert not torch.equal(generate(model, [1, 2, 3], 200, 2, PLAIN, seed=5), first)
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import cuda_devices, tiny_config
 from nanogpt.config import ModelConfig
 from nanogpt.engine import setup_kv_cache
 from nanogpt.model import GPT
@@ -22,7 +22,7 @@ def tiny_model(cfg: ModelConfig = TINY, seed: int = 0) -> GPT:
 
 
 # on a GPU with Triton a cached decode step goes through the fused kernel (nanogpt/kernels.py); on the CPU through SDPA
-DEVICES = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+DEVICES = ["cpu", *cuda_devices()]  # the CUDA ones marked gpu
 
 
 def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
