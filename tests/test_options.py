@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import cuda_devices, tiny_config
 from nanogpt import quantize
 from nanogpt.checkpoint import load_checkpoint, save_checkpoint
 from nanogpt.config import ModelConfig, TrainConfig, config_from_dict
@@ -34,7 +34,7 @@ OPTIONS = {
     "untied": {"tie_embeddings": False},
     "all": {"rope": True, "qk_norm": True, "mlp": "relu2", "tie_embeddings": False},
 }
-DEVICES = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # on a GPU: the Triton decode kernel
+DEVICES = ["cpu", *cuda_devices()]  # the CUDA ones marked gpu: there the Triton decode kernel
 
 
 def model_with(options: dict, seed: int = 0) -> GPT:
