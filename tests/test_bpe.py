@@ -171,7 +171,8 @@ class TinyRun(NamedTuple):
 
 def tiny_run(root: Path, kind: str) -> TinyRun:
     """data/ from the real encode stage (300-token BPE or characters), then 4 training steps in-process with
-    an evaluation every 2 steps over the whole validation split (train.eval_iters null)."""
+    an evaluation every 2 steps over the whole validation split (train.eval_iters null), with the default
+    architecture's rotary embeddings and the weights' average."""
     text = corpus_text()
     (root / "data").mkdir(parents=True)
     (root / "data/input.txt").write_text(text, encoding="utf-8")
@@ -187,6 +188,8 @@ def tiny_run(root: Path, kind: str) -> TinyRun:
             "train.eval_interval": 2,
             "train.eval_iters": None,
             "train.resume_interval": 0,
+            "model.rope": True,  # the default architecture (#14)
+            "train.ema": 0.5,
         },
     )
     encoded = subprocess.run(

@@ -28,7 +28,8 @@ from conftest import TINY_PARAMS, copy_project, make_corpus, make_project, set_p
 from nanogpt.config import load_config
 from nanogpt.train import TrainPaths, train
 
-PARAMS = {**TINY_PARAMS, "train.max_iters": 80}  # eval and resume state every 10 steps
+# eval and resume state every 10 steps; rotary embeddings and the weights' average on, as in the defaults
+PARAMS = {**TINY_PARAMS, "train.max_iters": 80, "model.rope": True, "train.ema": 0.9}
 BATCH = PARAMS["train.batch_size"]
 BLOCK = PARAMS["model.block_size"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # the `torchrun` command, for this interpreter
