@@ -108,10 +108,20 @@ class TrainStep:
                 assert loss is not None  # forward returns a loss whenever it is given targets
                 self.scaler.scale(loss / len(batches)).backward()
             total += loss.detach()
+        if self.scaler.is_enabled():
+            self._overflow_everywhere()
         for opt in self.optimizers:
             self.scaler.unscale_(opt)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
         return total / len(batches), norm
+
+    def _overflow_everywhere(self) -> None:
+        """fp16: an overflowing gradient anywhere makes every gradient NaN, so that the grad scaler skips every
+        optimizer's step (it decides per optimizer: one whose own gradients are finite would step, and on
+        gradients that clipping by an infinite norm zeroes, on its momentum alone). On the device, no host sync."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        finite = torch.stack(torch._foreach_norm(grads)).isfinite().all()
+        torch._foreach_mul_(grads, torch.where(finite, 1.0, math.nan))
 
     def update(self) -> None:
         for opt in self.optimizers:
