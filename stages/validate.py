@@ -1,9 +1,10 @@
 """Stage 0: check every section of params.yaml, before any other stage runs and so before DVC deletes its outputs.
 
 DVC deletes a stage's outputs just before it runs the stage's command, so a stage that rejected a bad value itself
-would find its last good outputs already gone. Every other stage depends on OUTPUT instead, which this stage writes
-only when the whole file is valid: a bad value stops `dvc repro` / `dvc exp run` here, with every earlier output
-untouched. OUTPUT's content never changes, so a valid change reruns this check and none of the stages after it.
+would find its last good outputs already gone. Every other stage depends on out/params.ok instead, which this stage
+writes only when the whole file is valid: a bad value stops `dvc repro` / `dvc exp run` here, with every earlier
+output untouched. The file's content never changes, so a valid change reruns this check and, after it, only the
+stages that read the changed keys.
 """
 
 from pathlib import Path
