@@ -7,7 +7,7 @@
 Works in scratch git repositories (one per code version), never in this workspace. For the code in this
 checkout, and for an older checkout given as --baseline, it measures:
 
-- `default_exp_cold`: the first `dvc exp run` of a fresh repository (all four stages) with empty
+- `default_exp_cold`: the first `dvc exp run` of a fresh repository (every stage) with empty
   torch.compile/Triton caches (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR pointed at new folders: a fresh
   machine's compile caches, though not its cold disk), with each stage's wall time from dvc's log;
 - `default_exp_warm`: a second `dvc exp run` that reruns train and sample (another seed), caches warm;

@@ -2,7 +2,8 @@
 `dvc plots diff`, in a temporary git repository with a tiny CPU model and a loopback corpus server.
 
 Each test asserts which stages DVC ran and which it skipped, from its own log lines:
-`Running stage 'x':` and `Stage 'x' didn't change, skipping`.
+`Running stage 'x':` and `Stage 'x' didn't change, skipping`. The validate stage reruns whenever a param changes:
+it checks params.yaml before any other stage runs.
 """
 
 import ast
@@ -27,6 +28,7 @@ from conftest import (
     ran_stages,
     restored_stages,
     skipped_stages,
+    snapshot,
 )
 
 OUTPUTS = (
@@ -103,7 +105,7 @@ def test_sample_param_reruns_only_sample(reproduced_project: Path) -> None:
 
     result = dvc(reproduced_project, "exp", "run", "-S", "sample.temperature=0.5")
 
-    assert_stages(result, {"sample"})
+    assert_stages(result, {"validate", "sample"})
     assert (reproduced_project / "out/samples.txt").read_text(encoding="utf-8") != samples
 
 
@@ -112,7 +114,7 @@ def test_sample_param_reruns_only_sample(reproduced_project: Path) -> None:
 def test_train_or_model_param_reruns_train_and_sample(reproduced_project: Path, override: str) -> None:
     result = dvc(reproduced_project, "exp", "run", "-S", override)
 
-    assert_stages(result, {"train", "sample"})
+    assert_stages(result, {"validate", "train", "sample"})
 
 
 @pytest.mark.slow
@@ -121,8 +123,68 @@ def test_encode_param_reruns_everything_but_download(reproduced_project: Path) -
 
     result = dvc(reproduced_project, "exp", "run", "-S", "encode.val_fraction=0.2")
 
-    assert_stages(result, {"encode", "train", "sample"})
+    assert_stages(result, {"validate", "encode", "train", "sample"})
     assert (reproduced_project / "data/val.pt").stat().st_size > val_tokens
+
+
+# A bad value in each section of params.yaml, set as a user does with `dvc exp run -S`, and an emptied params.yaml;
+# each with what its one-line error says.
+BAD_PARAMS = {
+    "data": (["-S", "data.timeout=0"], "data.timeout must be > 0, got 0.0"),
+    "encode": (["-S", "encode.val_fraction=1.5"], "encode.val_fraction must be in (0, 1), got 1.5"),
+    "model": (["-S", "model.n_head=5"], "model.n_embd (32) must be divisible by model.n_head (5)"),
+    "train": (["-S", "train.batch_size=0"], "train.batch_size must be >= 1, got 0"),
+    "sample": (["-S", "sample.top_k=abc"], "sample.top_k must be an integer or null, got 'abc'"),
+    "empty params.yaml": ([], "params.yaml must hold a mapping of sections"),
+}
+
+
+def assert_stopped_by_validate(result: subprocess.CompletedProcess[str], message: str) -> None:
+    """The experiment failed in the validate stage, with one `error: ...` line that says `message`."""
+    log = output(result)
+    assert result.returncode != 0, log
+    assert "Traceback" not in log, log
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], log
+    assert ran_stages(result) == {"validate"}, log
+
+
+def assert_nothing_to_rerun(project: Path) -> None:
+    """`dvc status` is clean and `dvc repro` runs nothing."""
+    assert json.loads(dvc(project, "status", "--json").stdout) == {}
+    assert_stages(dvc(project, "repro"), set())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BAD_PARAMS)
+def test_bad_params_fail_the_experiment_before_dvc_deletes_any_output(reproduced_project: Path, case: str) -> None:
+    project = reproduced_project
+    args, message = BAD_PARAMS[case]
+    if not args:
+        (project / "params.yaml").write_text("", encoding="utf-8")
+    last_good_run = snapshot(project)
+
+    result = dvc(project, "exp", "run", *args, check=False)
+
+    assert_stopped_by_validate(result, message)
+    assert snapshot(project) == last_good_run, "an output of the last good run was changed or deleted"
+    git(project, "checkout", "params.yaml")
+    assert_nothing_to_rerun(project)
+
+
+@pytest.mark.slow
+def test_bad_params_fail_a_targeted_experiment_with_a_frozen_download_stage(reproduced_project: Path) -> None:
+    """`dvc freeze download` (working offline) cuts download off from the stages before it; train still depends on
+    the validate stage, so `dvc exp run train` checks the params before DVC deletes train's outputs."""
+    project = reproduced_project
+    dvc(project, "freeze", "download")
+    commit(project, "download frozen")
+    last_good_run = snapshot(project)
+
+    result = dvc(project, "exp", "run", "train", "-S", "train.batch_size=0", check=False)
+
+    assert_stopped_by_validate(result, "train.batch_size must be >= 1, got 0")
+    assert snapshot(project) == last_good_run, "an output of the last good run was changed or deleted"
 
 
 @pytest.mark.slow

@@ -515,6 +515,7 @@ finally:
 """
 
 ATOMIC_OUTPUTS = {
+    "validate": ["out/params.ok"],
     "download": ["data/input.txt"],
     "encode": ["data/train.pt", "data/val.pt", "data/vocab.json"],
     "train": [

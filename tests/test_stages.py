@@ -445,9 +445,11 @@ def test_ctrl_c_while_sampling_ends_quietly_with_status_130(trained: Path) -> No
     assert snapshot(trained) == before  # nothing written
 
 
-def test_download_stage_does_not_load_torch() -> None:
-    """The download stage starts in a fraction of a second: it imports none of torch."""
-    code = "import sys, stages.download; print('torch' in sys.modules)"
+@pytest.mark.parametrize("stage", ["validate", "download"])
+def test_stages_before_encode_do_not_load_torch(stage: str) -> None:
+    """The validate and download stages start in a fraction of a second: they import none of torch (validate runs
+    in every experiment that changes a param)."""
+    code = f"import sys, stages.{stage}; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
