@@ -8,6 +8,7 @@ import dataclasses
 import http.server
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -766,7 +767,9 @@ def test_long_generation_that_shows_nothing_warns_before_it_starts(trained: Path
         stderr=subprocess.PIPE,
         text=True,
     )
-    first_line = proc.stderr.readline()  # arrives while the generation runs
+    # the first line, or nothing after two minutes (start-up takes seconds): the generation itself takes far longer
+    arrived, _, _ = select.select([proc.stderr], [], [], 120)
+    first_line = proc.stderr.readline() if arrived else ""
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=120)
 
