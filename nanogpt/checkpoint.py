@@ -21,6 +21,15 @@ from nanogpt.model import GPT, NANOGPT_ARCHITECTURE
 from nanogpt.tokenizer import Tokenizer, tokenizer_from_dict
 
 CHECKPOINT_FORMAT = 1
+# what save_checkpoint writes besides the format, and the type of each
+CHECKPOINT_KEYS = {
+    "model": dict,
+    "model_config": dict,
+    "vocab_size": int,
+    "tokenizer": dict,
+    "step": int,
+    "val_loss": float,
+}
 RESUME_FORMAT = 2  # bump when the resume state's layout or the training trajectory's code changes
 
 
@@ -47,6 +56,8 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tup
             f"checkpoint {path} is not a checkpoint of this project (format {CHECKPOINT_FORMAT}): "
             "retrain with `dvc repro train`"
         )
+    if malformed := [f"{key} {why}" for key, kind in CHECKPOINT_KEYS.items() if (why := _malformed(ckpt, key, kind))]:
+        raise UserError(f"checkpoint {path} is incomplete: {', '.join(malformed)}: retrain with `dvc repro train`")
     try:
         # a checkpoint from before an architecture option existed was made without it
         model = GPT(ModelConfig(**{**NANOGPT_ARCHITECTURE, **ckpt["model_config"]}), ckpt["vocab_size"])
@@ -55,13 +66,23 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tup
         raise UserError(f"checkpoint {path} does not match the model code: {str(exc).splitlines()[0]}") from None
     except ValidationError as exc:  # a model_config key that the code no longer has, lacks, or rejects
         raise UserError(f"checkpoint {path} does not match the model code: {'; '.join(problems(exc))}") from None
-    tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
+    try:
+        tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
+    except ValueError as exc:
+        raise UserError(f"checkpoint {path} has a corrupt tokenizer ({exc}): retrain with `dvc repro train`") from None
     if tokenizer.vocab_size != model.vocab_size:
         raise UserError(
             f"checkpoint {path}: vocabulary of {tokenizer.vocab_size} tokens does not match the "
             f"model's {model.vocab_size}: retrain with `dvc repro train`"
         )
     return model.to(device).eval(), tokenizer, {"step": ckpt["step"], "val_loss": ckpt["val_loss"]}
+
+
+def _malformed(ckpt: dict[str, Any], key: str, kind: type) -> str | None:
+    """Why `ckpt[key]` is not what save_checkpoint writes there (a `kind`), or None when it is."""
+    if key not in ckpt:
+        return "is missing"
+    return None if isinstance(ckpt[key], kind) else f"is not a {kind.__name__}"
 
 
 def resume_key(settings: dict[str, Any], data_files: list[Path]) -> str:

@@ -10,6 +10,7 @@ import functools
 import json
 import re
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -78,6 +79,50 @@ def unescape(text: str) -> str:
     return _ESCAPE.sub(lambda m: _ESCAPES[m.group(1)], text)
 
 
+def _usable_url(url: str) -> str:
+    """A URL that the download can fetch: urllib parses it, its port is a number in 0-65535, and an http(s) URL
+    names a host (the scheme is checked by the pattern, before this)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _ = parts.port  # parsing the port raises ValueError when it is not a number in range
+    except ValueError as exc:
+        raise PydanticCustomError(
+            "bad_url", "is not a valid URL ({reason}), got {url}", {"reason": str(exc), "url": repr(url)}
+        ) from None
+    if parts.scheme in ("http", "https") and not parts.hostname:
+        raise PydanticCustomError("bad_url", "has no host (http://host/path), got {url}", {"url": repr(url)})
+    return url
+
+
+# seeds that torch accepts, with room for the per-sample and per-rank offsets added to them
+_SEED_RANGE = {"ge": 0, "le": 2**63 - 1}
+
+
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping of params.yaml names one key twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (YAML forbids it, and DVC
+    rejects the file) rather than the last value silently winning."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges keys: not a duplicate
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first is not None:
+                raise _DuplicateKey(f"key {key!r} appears twice, on lines {first} and {line}")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 # Last in a float's Annotated[...]: before its constraints it would hide them from the JSON schema.
 _FROM_YAML = BeforeValidator(_yaml_float)
 
@@ -96,7 +141,11 @@ _SECTION = ConfigDict(extra="forbid")
 class DataConfig:
     """Where the text comes from and how it is checked (stage download)."""
 
-    url: Annotated[StrictStr, _key("the text to train on: http://, https:// or file://", pattern=_URL_PATTERN)]
+    url: Annotated[
+        StrictStr,
+        _key("the text to train on: http://, https:// or file://", pattern=_URL_PATTERN),
+        AfterValidator(_usable_url),  # after the pattern: before it, it would hide the pattern from the schema
+    ]
     sha256: Annotated[StrictStr, _key("SHA-256 of the downloaded text, 64 hex digits", pattern=_SHA256_PATTERN)]
     timeout: Annotated[StrictFloat, _key("seconds without a byte before a download attempt gives up", gt=0), _FROM_YAML]
     retries: Annotated[
@@ -215,7 +264,7 @@ class TrainConfig:
         Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
         _key("torch.compile mode; reduce-overhead replays CUDA graphs"),
     ]
-    seed: Annotated[StrictInt, _key("random seed of the run")]
+    seed: Annotated[StrictInt, _key("random seed of the run", **_SEED_RANGE)]
     tensorboard: Annotated[StrictBool, _key("write TensorBoard event files under out/tensorboard")]
 
 
@@ -236,7 +285,7 @@ class SampleConfig:
         Annotated[StrictFloat, Field(gt=0, le=1), _FROM_YAML] | None,
         _key("nucleus sampling: keep this much probability; null: off"),
     ]
-    seed: Annotated[StrictInt, _key("random seed")]
+    seed: Annotated[StrictInt, _key("random seed", **_SEED_RANGE)]
     quantize: Annotated[Literal["int8"] | None, _key("int8: int8 weights, faster sampling on a CPU; null: off")]
     compile: Annotated[StrictBool, _key("torch.compile the decode step: faster steps after seconds of compiling")]
 
@@ -259,9 +308,15 @@ def load_config(path: Path | str = "params.yaml", overrides: dict[str, Any] | No
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise UserError(f"{path} not found: run from the project root or pass --params") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory: pass the params file, e.g. --params params.yaml") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text (byte {exc.start}): give a YAML params file") from None
+    except _DuplicateKey as exc:
+        raise UserError(f"{path}: {exc}: keep one (DVC rejects the file too)") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):
@@ -317,7 +372,7 @@ def _problem(section: str, name: str = "", *, error: Any) -> str:
         return f"unknown parameter {key}" if name else f"unknown section {section!r}"
     if not name:
         return f"section {section!r} must be a mapping of keys, got {value!r}"
-    if kind in ("not_divisible", "odd_head_size", "unknown_escape"):
+    if kind in ("not_divisible", "odd_head_size", "unknown_escape", "bad_url"):
         return f"{key} {error['msg']}"
     if kind == "string_pattern_mismatch":
         return f"{key} must {_PATTERN_MEANS[error['ctx']['pattern']]}, got {value!r}"

@@ -10,15 +10,31 @@ from torch import Tensor
 
 from nanogpt import files
 from nanogpt.errors import UserError
+from nanogpt.tokenizer import Tokenizer, fingerprint
 
 IGNORE = -100  # F.cross_entropy's default ignore_index
 
 
-def load_tokens(path: Path | str) -> Tensor:
-    """A 1-D integer tensor of token ids written by the encode stage."""
-    tokens = files.torch_load(path, "token file")
+def save_tokens(path: Path | str, tokens: Tensor, tokenizer: Tokenizer) -> None:
+    """Token ids, with the fingerprint of the tokenizer that made them, so that they are never read with another."""
+    files.torch_save({"tokens": tokens, "tokenizer": fingerprint(tokenizer)}, path)
+
+
+def load_tokens(path: Path | str, tokenizer: Tokenizer, vocab: Path | str) -> Tensor:
+    """The 1-D integer tensor of token ids that save_tokens wrote to `path` with `tokenizer` (read from `vocab`)."""
+    saved = files.torch_load(path, "token file")
+    tokens = saved.get("tokens") if isinstance(saved, dict) else saved
     if not isinstance(tokens, Tensor) or tokens.dim() != 1 or tokens.is_floating_point():
         raise UserError(f"token file {path} does not hold a 1-D tensor of token ids: rerun `dvc repro encode`")
+    if not isinstance(saved, dict) or "tokenizer" not in saved:
+        raise UserError(
+            f"token file {path} does not say which tokenizer made it (an older encode): rerun `dvc repro encode`"
+        )
+    if saved["tokenizer"] != fingerprint(tokenizer):
+        raise UserError(
+            f"token file {path} was encoded with another tokenizer than {vocab} (from another run of the encode "
+            "stage): rerun `dvc repro encode`"
+        )
     return tokens
 
 

@@ -110,3 +110,7 @@ def _http_chunks(cfg: DataConfig) -> Iterator[bytes]:
         if "timed out" in str(exc):
             raise _Transient(f"no answer from {host} within {cfg.timeout:g} s (data.timeout)") from None
         raise _Transient(f"cannot reach {host}: the network or host is unreachable") from None
+    except requests.exceptions.TooManyRedirects:
+        raise UserError(f"{cfg.url} redirects in a loop (or more than 30 times): check data.url") from None
+    except requests.exceptions.RequestException as exc:  # an invalid URL, an unsupported redirect, ...
+        raise UserError(f"cannot download {cfg.url}: {exc}: check data.url") from None

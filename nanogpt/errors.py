@@ -1,11 +1,11 @@
-"""The project's error type, the wrapper that turns it into a one-line message and an exit code, and the way a
-stage ends its process."""
+"""The project's error type, the wrapper that turns it into a one-line message and an exit code, one-line
+warnings, out-of-memory errors turned into the settings to lower, and the way a stage ends its process."""
 
 import contextlib
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NoReturn, TypeVar
 
 T = TypeVar("T")
@@ -30,6 +30,33 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
             sys.exit(1)
 
     return wrapper
+
+
+def warn(message: str) -> None:
+    """A setting that is valid but most likely a mistake: one `warning: ...` line on stderr; the work goes on."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# how torch words a failed allocation: torch.OutOfMemoryError (CUDA, MPS) and the CPU allocator's RuntimeError
+_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+@contextlib.contextmanager
+def out_of_memory(doing: str, fix: str) -> Iterator[None]:
+    """Turn an allocation that fails inside the block into a UserError `out of memory {doing}: {fix}`, so that the
+    user reads which settings to lower rather than torch's traceback.
+
+    Only an allocation that fails at once is caught: a setting far too large fails at its first big tensor. One
+    that the allocator grants but the machine cannot hold is the kernel's to stop (its OOM killer).
+    """
+    try:
+        yield
+    except MemoryError:
+        raise UserError(f"out of memory {doing}: {fix}") from None
+    except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError too
+        if not any(words in str(exc) for words in _OUT_OF_MEMORY):
+            raise
+        raise UserError(f"out of memory {doing}: {fix}") from None
 
 
 def run_and_exit(main: Callable[[], object]) -> NoReturn:

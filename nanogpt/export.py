@@ -217,6 +217,8 @@ def export_hf(model: GPT, tokenizer: Tokenizer, sample: SampleConfig, card: str,
 
     epsilon = check_exportable(model)
     dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"export folder {dest} is a file: give the path of a folder")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
     try:

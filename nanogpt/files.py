@@ -35,6 +35,20 @@ def atomic_open(path: Path | str, mode: str = "wb") -> Iterator[IO[Any]]:
         raise
 
 
+def check_writable(path: Path | str, what: str) -> None:
+    """Fail now, before the work, where writing `path` with atomic_open would fail after it: `path` is a folder,
+    or its folder cannot be created or written (read-only, not ours). Creates the folder, as atomic_open would."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory: give the path of a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write {what} {path} ({exc.strerror}): make {path.parent} a writable folder") from None
+
+
 def _umask() -> int:
     """The process's umask (read by setting it, then putting it back)."""
     mask = os.umask(0o022)

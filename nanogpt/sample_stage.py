@@ -12,10 +12,12 @@ from nanogpt import files, runtime
 from nanogpt.checkpoint import load_checkpoint
 from nanogpt.config import SampleConfig
 from nanogpt.engine import generate
-from nanogpt.errors import UserError
+from nanogpt.errors import UserError, out_of_memory, warn
 from nanogpt.generate import SamplingParams
 from nanogpt.quantize import quantize_int8
 from nanogpt.tokenizer import Tokenizer, load_tokenizer
+
+QUIET_TOKENS = 100_000  # a generation this long that does not stream to the terminal gets a warning
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ class TextStreamer:
 def run_sampling(cfg: SampleConfig, run: SampleRun, stream: TextIO | None) -> list[str]:
     """Generate cfg.num_samples texts; stream the first to `stream`, write all to run.output. Return them."""
     device = runtime.resolve_device(run.device, setting="--device")
+    for path, what in ((run.output, "--output"), (run.metrics, "--metrics")):
+        if path is not None:
+            files.check_writable(path, what)  # now, not after the generation
     model, tokenizer, _ = load_checkpoint(run.checkpoint, device)
     if run.vocab is not None and load_tokenizer(run.vocab).to_dict() != tokenizer.to_dict():
         raise UserError(
@@ -77,11 +82,20 @@ def run_sampling(cfg: SampleConfig, run: SampleRun, stream: TextIO | None) -> li
     if stream is not None and cfg.num_samples == 1:
         stream.write(cfg.prompt)
         streamer = TextStreamer(tokenizer, stream)
+    elif cfg.num_tokens >= QUIET_TOKENS:
+        warn(
+            f"sample.num_tokens is {cfg.num_tokens:,} and nothing shows until all are generated (minutes to hours): "
+            "lower sample.num_tokens for a quick look"
+        )
     clock = _ArrivalClock(streamer)
     launched = runtime.seconds_since_launch()
-    tokens = generate(
-        model, prompt, cfg.num_tokens, cfg.num_samples, params, cfg.seed, on_tokens=clock, compile=cfg.compile
-    )
+    with out_of_memory(
+        f"generating {cfg.num_samples:,} samples of {cfg.num_tokens:,} tokens on {device}",
+        "lower sample.num_samples (or sample.num_tokens)",
+    ):
+        tokens = generate(
+            model, prompt, cfg.num_tokens, cfg.num_samples, params, cfg.seed, on_tokens=clock, compile=cfg.compile
+        )
     runtime.synchronize(device)
     clock.finish()
     texts = [cfg.prompt + tokenizer.decode(row) for row in tokens.tolist()]

@@ -31,9 +31,14 @@ def optional(kind: Callable[[str], T]) -> Callable[[str], T | None]:
     the flag can turn off what params.yaml turns on; anything else is converted by `kind`."""
 
     def convert(text: str) -> T | None:
-        return None if text.lower() in OFF else kind(text)
+        if text.lower() in OFF:
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            name = getattr(kind, "__name__", "")
+            raise argparse.ArgumentTypeError(f"invalid {name} value: {text!r} (none turns it off)") from None
 
-    convert.__name__ = getattr(kind, "__name__", "value")  # argparse's error names it: `invalid int value: 'x'`
     return convert
 
 

@@ -1,5 +1,6 @@
 """Tokenizers: characters (nanoGPT's) or byte-level BPE (Hugging Face `tokenizers`), saved as plain JSON."""
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Protocol
@@ -90,14 +91,30 @@ def fit_tokenizer(kind: str, text: str, vocab_size: int) -> Tokenizer:
     return BpeTokenizer.fit(text, vocab_size)
 
 
-def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
-    if d.get("kind") == "char":
-        return CharTokenizer(d["chars"])
-    if d.get("kind") == "bpe":
+def tokenizer_from_dict(d: Any) -> Tokenizer:
+    """The tokenizer that `to_dict` described; a ValueError that says what is wrong with anything else."""
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object with a 'kind', got {type(d).__name__}")
+    kind = d.get("kind")
+    if kind == "char":
+        chars = d.get("chars")
+        if not isinstance(chars, str) or not chars or len(set(chars)) != len(chars):
+            raise ValueError(f"'chars' must be a string of distinct characters, got {chars!r:.40}")
+        return CharTokenizer(chars)
+    if kind == "bpe":
         from tokenizers import Tokenizer as HfTokenizer
 
-        return BpeTokenizer(HfTokenizer.from_str(json.dumps(d["tokenizer"])))
-    raise UserError(f"unknown tokenizer kind {d.get('kind')!r}: expected 'char' or 'bpe'")
+        try:
+            return BpeTokenizer(HfTokenizer.from_str(json.dumps(d.get("tokenizer"))))
+        except Exception as exc:  # tokenizers raises a bare Exception for a malformed definition
+            raise ValueError(f"'tokenizer' is not a Hugging Face tokenizer ({exc})") from None
+    raise ValueError(f"unknown tokenizer kind {kind!r}: expected 'char' or 'bpe'")
+
+
+def fingerprint(tok: Tokenizer) -> str:
+    """The SHA-256 of the tokenizer's definition: the encode stage records it with the token ids, so that ids are
+    never read with another vocabulary."""
+    return hashlib.sha256(json.dumps(tok.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
 def save_tokenizer(tok: Tokenizer, path: Path | str) -> None:
@@ -105,12 +122,15 @@ def save_tokenizer(tok: Tokenizer, path: Path | str) -> None:
 
 
 def load_tokenizer(path: Path | str) -> Tokenizer:
+    path = Path(path)
     try:
-        return tokenizer_from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        return tokenizer_from_dict(json.loads(path.read_text(encoding="utf-8")))
     except FileNotFoundError:
         raise UserError(f"vocabulary {path} not found: run `dvc repro encode` first") from None
-    except (ValueError, KeyError) as exc:
-        raise UserError(f"vocabulary {path} is corrupt: {exc}") from None
+    except IsADirectoryError:
+        raise UserError(f"vocabulary {path} is a directory: give the path of the file (data/vocab.json)") from None
+    except ValueError as exc:  # not UTF-8, not JSON, or not a tokenizer
+        raise UserError(f"vocabulary {path} is corrupt ({exc}): rerun `dvc repro encode`") from None
 
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:

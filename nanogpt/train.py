@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from nanogpt import data, distributed, runtime
+from nanogpt import data, distributed, files, runtime
 from nanogpt.checkpoint import ResumeState, ResumeStore, resume_key, save_checkpoint
-from nanogpt.config import Config
+from nanogpt.config import Config, TrainConfig
 from nanogpt.distributed import DistInfo
-from nanogpt.errors import UserError
-from nanogpt.metrics import MetricsLog, RunLog
+from nanogpt.errors import UserError, out_of_memory, warn
+from nanogpt.metrics import SUMMARY, MetricsLog, RunLog
 from nanogpt.model import GPT
 from nanogpt.optim import WeightAverage, build_optimizers, lr_factor, set_lr, use_lr_tensors
 from nanogpt.step import Batch, build_train_step
@@ -85,9 +85,21 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths(), show_progress: bool = T
                 "train.tensorboard is true but tensorboard is not installed: "
                 "pip install tensorboard, or set train.tensorboard=false"
             ) from None
+    if os.environ.get("RANK", "0") == "0":  # the main process writes the outputs and speaks for all
+        for path, what in _outputs(paths):
+            files.check_writable(path, what)  # now, not when the first checkpoint is due
+        for warning in train_warnings(cfg.train, device, dtype):
+            warn(warning)
     dist_info = distributed.init_from_env(device.type)
     try:
-        return Trainer(cfg, paths, device, dtype, dist_info, show_progress).run()
+        with out_of_memory(f"building the model on {device}", "lower model.n_embd or model.n_layer"):
+            trainer = Trainer(cfg, paths, device, dtype, dist_info, show_progress)
+        with out_of_memory(
+            f"training on {device} with batches of {cfg.train.batch_size} x {cfg.model.block_size} tokens",
+            "lower train.batch_size (raising train.grad_accum_steps keeps the tokens per step), model.block_size "
+            "or the model's size (model.n_embd, model.n_layer)",
+        ):
+            return trainer.run()
     finally:
         distributed.shutdown(dist_info)
 
@@ -103,9 +115,10 @@ class TrainData:
 
     @classmethod
     def load(cls, folder: Path, block_size: int, device: torch.device) -> "TrainData":
-        tokenizer = load_tokenizer(folder / "vocab.json")
-        train_tokens = data.load_tokens(folder / "train.pt")
-        val_tokens = data.load_tokens(folder / "val.pt")
+        vocab = folder / "vocab.json"
+        tokenizer = load_tokenizer(vocab)
+        train_tokens = data.load_tokens(folder / "train.pt", tokenizer, vocab)
+        val_tokens = data.load_tokens(folder / "val.pt", tokenizer, vocab)
         _check_tokens(train_tokens, val_tokens, tokenizer.vocab_size, block_size, folder)
         evalset = data.eval_windows(val_tokens, block_size)
         first = tokenizer.decode(val_tokens[:1].tolist())
@@ -385,6 +398,21 @@ def check_finite(
         )
 
 
+def train_warnings(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Settings that are valid but most likely a mistake, one line each."""
+    warnings = []
+    if cfg.warmup_iters >= cfg.max_iters:
+        warnings.append(
+            f"train.warmup_iters ({cfg.warmup_iters}) >= train.max_iters ({cfg.max_iters}): the whole run is "
+            "warmup, the learning rate never decays; lower train.warmup_iters"
+        )
+    if device.type == "cpu" and dtype == torch.float16:
+        warnings.append(
+            "train.dtype is fp16 on the CPU: slower than fp32 on most CPUs, and less precise; use auto (fp32 here)"
+        )
+    return warnings
+
+
 def _check_same_on_all_ranks(resume_step: int, dist: DistInfo, resume_dir: Path) -> None:
     """Every rank must resume from the same step (a host that cannot see rank 0's files would not)."""
     if not distributed.same_on_all_ranks(resume_step, dist):
@@ -403,6 +431,12 @@ def _trajectory_settings(cfg: Config, device: torch.device, dtype: torch.dtype, 
         "dtype": str(dtype),
         "world_size": world_size,
     }
+
+
+def _outputs(paths: TrainPaths) -> list[tuple[Path, str]]:
+    """The run's outputs, one in each folder it writes (the resume state's is made in the checkpoint's), and what
+    each is."""
+    return [(paths.checkpoint, "checkpoint"), (paths.metrics_dir / SUMMARY, "metrics")]
 
 
 def _data_files(paths: TrainPaths) -> list[Path]:

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from nanogpt import stage
+from nanogpt import files, stage
 from nanogpt.download import download
 from nanogpt.errors import exit_on_user_error, run_and_exit
 
@@ -12,6 +12,7 @@ OUTPUT = Path("data/input.txt")
 @exit_on_user_error
 def main() -> None:
     cfg = stage.config(stage.parser(__doc__).parse_args())
+    files.check_writable(OUTPUT, "the corpus")
     size = download(cfg.data, OUTPUT)
     print(f"wrote {OUTPUT} ({size:,} bytes, sha256 verified)")
 

@@ -269,7 +269,7 @@ def test_val_bpc_is_total_nats_over_predicted_characters(any_run: TinyRun) -> No
     run = any_run
     val_text = validation_text(run.text)
     tokenizer = load_tokenizer(run.root / "data/vocab.json")
-    val_ids = torch.load(run.root / "data/val.pt", weights_only=True).tolist()
+    val_ids = torch.load(run.root / "data/val.pt", weights_only=True)["tokens"].tolist()
     assert tokenizer.decode(val_ids) == val_text
     summary = read_json(run.root / "metrics/train.json")
     rows = {int(r["step"]): r for r in read_tsv(run.root / "metrics/val_loss.tsv")}
@@ -313,7 +313,7 @@ def test_encode_stage_learns_bpe_from_the_training_split_only(bpe_run: TinyRun) 
 def test_both_tokenizers_validate_on_the_same_characters(bpe_run: TinyRun, char_run: TinyRun) -> None:
     texts = [
         load_tokenizer(run.root / "data/vocab.json").decode(
-            torch.load(run.root / "data/val.pt", weights_only=True).tolist()
+            torch.load(run.root / "data/val.pt", weights_only=True)["tokens"].tolist()
         )
         for run in (bpe_run, char_run)
     ]

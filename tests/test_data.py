@@ -8,10 +8,20 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_config
-from nanogpt.data import IGNORE, bits_per_char, eval_windows, evaluate, get_batch, load_tokens, read_corpus
+from nanogpt.data import (
+    IGNORE,
+    bits_per_char,
+    eval_windows,
+    evaluate,
+    get_batch,
+    load_tokens,
+    read_corpus,
+    save_tokens,
+)
 from nanogpt.errors import UserError
 from nanogpt.files import torch_save
 from nanogpt.model import GPT
+from nanogpt.tokenizer import CharTokenizer
 
 TINY = tiny_config(
     {"model.block_size": 8, "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16, "model.dropout": 0.0}
@@ -174,11 +184,11 @@ def test_read_corpus_rejects_a_bad_file(tmp_path, content, problem):
 
 
 def test_load_tokens_round_trip(tmp_path):
-    path = tmp_path / "train.pt"
+    path, tokenizer = tmp_path / "train.pt", CharTokenizer("abc")
     tokens = random_tokens(50)
-    torch_save(tokens, path)
+    save_tokens(path, tokens, tokenizer)
 
-    assert torch.equal(load_tokens(path), tokens)
+    assert torch.equal(load_tokens(path, tokenizer, tmp_path / "vocab.json"), tokens)
 
 
 def test_load_tokens_rejects_a_file_of_something_else(tmp_path):
@@ -186,4 +196,21 @@ def test_load_tokens_rejects_a_file_of_something_else(tmp_path):
     torch_save(torch.rand(3, 3), path)
 
     with pytest.raises(UserError, match="1-D tensor of token ids"):
-        load_tokens(path)
+        load_tokens(path, CharTokenizer("abc"), tmp_path / "vocab.json")
+
+
+def test_load_tokens_rejects_ids_of_another_tokenizer(tmp_path):
+    """A vocabulary of the same size but other characters would decode every id to the wrong one, silently."""
+    path = tmp_path / "train.pt"
+    save_tokens(path, random_tokens(50), CharTokenizer("abc"))
+
+    with pytest.raises(UserError, match=r"encoded with another tokenizer than .*vocab.json.*dvc repro encode"):
+        load_tokens(path, CharTokenizer("xyz"), tmp_path / "vocab.json")
+
+
+def test_load_tokens_rejects_ids_that_do_not_name_their_tokenizer(tmp_path):
+    path = tmp_path / "train.pt"
+    torch_save(random_tokens(50), path)  # the format before the tokenizer's fingerprint was recorded
+
+    with pytest.raises(UserError, match="does not say which tokenizer made it"):
+        load_tokens(path, CharTokenizer("abc"), tmp_path / "vocab.json")

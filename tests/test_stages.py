@@ -7,12 +7,17 @@ compares the bytes of data/, out/ and metrics/ before and after.
 import dataclasses
 import http.server
 import json
+import os
+import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +36,7 @@ from conftest import (
     tool_env,
 )
 from nanogpt.config import SampleConfig
+from nanogpt.tokenizer import fit_tokenizer, save_tokenizer
 
 # Dropout on, as in a real run; 20 steps leave a checkpoint from the last evaluation.
 OVERRIDES = {"model.dropout": 0.1, "train.max_iters": 20}
@@ -97,11 +103,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._reply(200, self.body[:500], len(self.body))
         elif self.path == "/error.txt":
             self._reply(500, b"oops", 4)
+        elif self.path == "/loop.txt":  # redirects to itself
+            self._reply(302, b"", 0, location=self.path)
         else:
             self._reply(404, b"not found", 9)
 
-    def _reply(self, status: int, body: bytes, length: int) -> None:
+    def _reply(self, status: int, body: bytes, length: int, location: str | None = None) -> None:
         self.send_response(status)
+        if location is not None:
+            self.send_header("Location", location)
         self.send_header("Content-Length", str(length))
         self.send_header("Connection", "close")
         self.end_headers()
@@ -114,7 +124,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def bad_http_server() -> Iterator[str]:
-    """Base URL of a loopback HTTP server: /corpus.txt, /truncated.txt, /error.txt (500), anything else 404."""
+    """Base URL of a loopback HTTP server: /corpus.txt, /truncated.txt, /error.txt (500), /loop.txt (redirects to
+    itself), anything else 404."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -256,7 +267,10 @@ SAMPLE_CASES = {
     "num_tokens not a number": (["--num_tokens", "abc"], ["argument --num_tokens", "'abc'", "--help"]),
     "num_samples 0": (["--num_samples", "0"], ["sample.num_samples must be >= 1, got 0"]),
     "top_k 0": (["--top_k", "0"], ["sample.top_k must be null or >= 1, got 0"]),
-    "top_k neither a number nor none": (["--top_k", "off"], ["argument --top_k", "'off'", "--help"]),
+    "top_k neither a number nor none": (
+        ["--top_k", "off"],
+        ["argument --top_k", "'off'", "none turns it off", "--help"],
+    ),
     "top_p 0": (["--top_p", "0"], ["sample.top_p must be null or in (0, 1], got 0.0"]),
     "top_p 1.5": (["--top_p", "1.5"], ["sample.top_p must be null or in (0, 1], got 1.5"]),
     "negative temperature": (["--temperature", "-1"], ["sample.temperature must be >= 0", "got -1.0"]),
@@ -464,3 +478,302 @@ def test_sample_metrics_tell_start_up_from_decoding(trained: Path) -> None:
     assert metrics["num_tokens"] == 200 and metrics["num_samples"] == 1
     assert metrics["first_tokens_s"] >= 0 and metrics["startup_s"] > 0
     assert metrics["decode_tokens_per_sec"] > 0  # tokens kept arriving after the first ones
+
+
+# ---------------------------------------------------------------- inputs that once ended in a traceback (#17)
+
+MAX_RSS = 1536 << 20  # bytes: a stage that refuses at once stays near the size of Python + torch (~600 MiB)
+ADDRESS_SPACE = 8 << 30  # the cap on each child: a regression fails an allocation instead of filling the machine
+
+
+# sets the cap, then becomes the stage (same process, so wait4 measures the stage itself)
+_CAPPED = (
+    "import os, resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({0}, {0})); "
+    "os.execv(sys.executable, sys.argv[1:])"
+)
+
+
+def run_capped(project: Path, stage: str, args: list[str]) -> tuple[subprocess.CompletedProcess, int]:
+    """`python -m stages.<stage> *args` in `project` with its address space capped; the result and its peak RSS
+    in bytes (of this child alone, from wait4)."""
+    cmd = [sys.executable, "-m", f"stages.{stage}", *args]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CAPPED.format(ADDRESS_SPACE), *cmd],
+            cwd=project,
+            env=tool_env(project),
+            stdout=out,
+            stderr=err,
+        )
+        deadline = time.monotonic() + 600
+        while not (waited := os.wait4(proc.pid, os.WNOHANG))[0]:
+            if time.monotonic() > deadline:
+                proc.kill()
+            time.sleep(0.05)
+        proc.returncode = os.waitstatus_to_exitcode(waited[1])  # reaped here: Popen must not wait for it
+        out.seek(0), err.seek(0)
+        result = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+    return result, waited[2].ru_maxrss * 1024
+
+
+def set_url(url: str) -> Callable[[Path, str], None]:
+    return lambda project, server: set_params(project / "params.yaml", {"data.url": url.format(server=server)})
+
+
+def write(name: str, content: str | bytes) -> Callable[[Path, str], None]:
+    def setup(project: Path, server: str) -> None:
+        path = project / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+
+    return setup
+
+
+def folder(name: str) -> Callable[[Path, str], None]:
+    return lambda project, server: (project / name).mkdir()
+
+
+def edit_checkpoint(change: Callable[[dict], None]) -> Callable[[Path, str], None]:
+    def setup(project: Path, server: str) -> None:
+        ckpt = torch.load(project / "out/ckpt.pt", weights_only=True)
+        change(ckpt)
+        torch.save(ckpt, project / "out/ckpt.pt")
+
+    return setup
+
+
+def params(updates: dict) -> Callable[[Path, str], None]:
+    return lambda project, server: set_params(project / "params.yaml", updates)
+
+
+def bpe_vocabulary(project: Path, server: str) -> None:
+    """A BPE vocab.json beside the char token files: larger than the char vocabulary, so every id fits it."""
+    text = (project / "data/input.txt").read_text()
+    save_tokenizer(fit_tokenizer("bpe", text, 300), project / "data/vocab.json")
+
+
+def duplicate_key(project: Path, server: str) -> None:
+    path = project / "params.yaml"
+    path.write_text(path.read_text().replace("  max_iters: 20\n", "  max_iters: 20\n  max_iters: 2000\n"))
+
+
+def nothing(project: Path, server: str) -> None:
+    pass
+
+
+SAMPLE_ON_CPU = [*SAMPLE, "--device", "cpu"]  # the address-space cap is for the CPU: CUDA maps far more
+# case: (setup, stage, args, fragments of the one error line)
+TRACEBACK_CASES: dict[str, tuple[Callable[[Path, str], None], str, list[str], list[str]]] = {
+    "redirect loop": (set_url("{server}/loop.txt"), "download", [], ["loop.txt redirects in a loop", "data.url"]),
+    "port out of range": (
+        set_url("http://127.0.0.1:99999/x"),
+        "download",
+        [],
+        ["data.url is not a valid URL (Port out of range 0-65535)", "'http://127.0.0.1:99999/x'"],
+    ),
+    "URL without a host": (
+        set_url("http:///input.txt"),
+        "download",
+        [],
+        ["data.url has no host", "'http:///input.txt'"],
+    ),
+    "malformed IPv6 host": (set_url("http://[::1/x"), "download", [], ["data.url is not a valid URL", "IPv6"]),
+    "binary params.yaml": (
+        write("params.yaml", bytes(range(256))),
+        "train",
+        [],
+        ["params.yaml is not UTF-8 text (byte 128)"],
+    ),
+    "--params a directory": (folder("pdir"), "train", ["--params", "pdir"], ["pdir is a directory"]),
+    "--output a directory": (
+        folder("out/odir"),
+        "sample",
+        [*SAMPLE, "--output", "out/odir"],
+        ["--output out/odir is a directory"],
+    ),
+    "--metrics a directory": (
+        folder("out/mdir"),
+        "sample",
+        [*SAMPLE, "--metrics", "out/mdir"],
+        ["--metrics out/mdir is a directory"],
+    ),
+    "--vocab a directory": (
+        folder("data/vdir"),
+        "sample",
+        [*SAMPLE, "--vocab", "data/vdir"],
+        ["vocabulary data/vdir is a directory"],
+    ),
+    "vocab.json a JSON list": (
+        write("data/vocab.json", "[1, 2]"),
+        "train",
+        [],
+        ["vocabulary data/vocab.json is corrupt", "got list", "dvc repro encode"],
+    ),
+    "vocab.json with chars: 5": (
+        write("data/vocab.json", '{"kind": "char", "chars": 5}'),
+        "sample",
+        SAMPLE,
+        ["vocabulary data/vocab.json is corrupt", "'chars' must be a string", "got 5"],
+    ),
+    "vocab.json a garbage BPE object": (
+        write("data/vocab.json", '{"kind": "bpe", "tokenizer": {"merges": 3}}'),
+        "train",
+        [],
+        ["vocabulary data/vocab.json is corrupt", "not a Hugging Face tokenizer"],
+    ),
+    "checkpoint without its tokenizer": (
+        edit_checkpoint(lambda c: c.pop("tokenizer")),
+        "sample",
+        SAMPLE,
+        ["checkpoint out/ckpt.pt is incomplete: tokenizer is missing", "dvc repro train"],
+    ),
+    "checkpoint without its step": (
+        edit_checkpoint(lambda c: c.pop("step")),
+        "sample",
+        SAMPLE,
+        ["checkpoint out/ckpt.pt is incomplete: step is missing"],
+    ),
+    "checkpoint with chars: 12": (
+        edit_checkpoint(lambda c: c["tokenizer"].update(chars=12)),
+        "sample",
+        SAMPLE,
+        ["checkpoint out/ckpt.pt has a corrupt tokenizer", "got 12"],
+    ),
+    "sample.seed 2**70": (
+        nothing,
+        "sample",
+        [*SAMPLE, "--seed", str(2**70)],
+        ["sample.seed must be in [0, 9223372036854775807]", str(2**70)],
+    ),
+    "train.seed 2**70": (params({"train.seed": 2**70}), "train", [], ["train.seed must be in [0, "]),
+    "batch_size 1e10": (
+        params({"train.batch_size": 10**10}),
+        "train",
+        [],
+        ["out of memory training on cpu", "lower train.batch_size"],
+    ),
+    "n_embd 1e6": (
+        params({"model.n_embd": 10**6}),
+        "train",
+        [],
+        ["out of memory building the model on cpu", "lower model.n_embd or model.n_layer"],
+    ),
+    "num_samples 1e9": (
+        nothing,
+        "sample",
+        [*SAMPLE_ON_CPU, "--num_samples", str(10**9)],
+        ["out of memory generating 1,000,000,000 samples", "lower sample.num_samples"],
+    ),
+    # silent nonsense (#17, item 5): now refused
+    "BPE vocab.json beside char token files": (
+        bpe_vocabulary,
+        "train",
+        [],
+        ["token file data/train.pt was encoded with another tokenizer than data/vocab.json", "dvc repro encode"],
+    ),
+    "a key twice in params.yaml": (
+        duplicate_key,
+        "train",
+        [],
+        ["params.yaml: key 'max_iters' appears twice, on lines", "keep one"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", TRACEBACK_CASES)
+def test_bad_input_is_one_error_line(trained: Path, bad_http_server: str, case: str) -> None:
+    """Each of these once ended in a traceback (or trained on nonsense): now one `error:` line, exit status 2, no
+    output touched, and no big allocation on the way (the out-of-memory ones fail at their first big tensor)."""
+    setup, stage, args, fragments = TRACEBACK_CASES[case]
+    setup(trained, bad_http_server)
+    before = snapshot(trained)
+
+    proc, peak_rss = run_capped(trained, stage, args)
+
+    assert_user_error(proc, *fragments)
+    assert proc.returncode == 2
+    assert snapshot(trained) == before, "an output file was changed, added or removed"
+    assert peak_rss < MAX_RSS, f"peak RSS {peak_rss >> 20} MiB"
+
+
+@pytest.fixture
+def read_only() -> Iterator[Callable[[Path], None]]:
+    """Makes a folder read-only, even for root (which ignores permission bits): `chattr +i` there, `chmod a-w`
+    otherwise; skips the test where neither works. Undone at teardown, so that the folder can be deleted."""
+    undo: list[Callable[[], None]] = []
+
+    def make(folder: Path) -> None:
+        if os.geteuid() == 0:
+            if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", folder], check=False).returncode:
+                pytest.skip("running as root, and chattr +i does not work here")
+            undo.append(lambda: subprocess.run(["chattr", "-i", folder], check=True))
+        else:
+            mode = folder.stat().st_mode
+            folder.chmod(mode & ~0o222)
+            undo.append(lambda: folder.chmod(mode))
+
+    yield make
+    for step in undo:
+        step()
+
+
+READ_ONLY_CASES = {  # stage, its args, the folder made read-only, fragments
+    "train, out/": ("train", [], "out", ["cannot write checkpoint out/ckpt.pt", "make out a writable folder"]),
+    "train, metrics/": ("train", [], "metrics", ["cannot write metrics metrics/train.json"]),
+    "sample, out/": ("sample", SAMPLE, "out", ["cannot write --output out/samples.txt", "make out a writable folder"]),
+    "encode, data/": ("encode", [], "data", ["cannot write encoded data data/train.pt"]),
+    "download, data/": ("download", [], "data", ["cannot write the corpus data/input.txt"]),
+}
+
+
+@pytest.mark.parametrize("case", READ_ONLY_CASES)
+def test_read_only_output_folder_is_refused_before_the_work(trained: Path, read_only, case: str) -> None:
+    """The stage says so at once, instead of failing with a traceback after training or sampling."""
+    stage, args, folder, fragments = READ_ONLY_CASES[case]
+    set_params(trained / "params.yaml", {"data.url": (trained / "data/input.txt").as_uri()})  # no network
+    read_only(trained / folder)
+
+    message = run_expecting_error(trained, stage, args, *fragments)
+
+    assert "Operation not permitted" in message or "Permission denied" in message
+
+
+WARNING_CASES = {
+    "warmup longer than the run": (
+        {"train.warmup_iters": 25},
+        "train.warmup_iters (25) >= train.max_iters (20): the whole run is warmup",
+    ),
+    "fp16 on the CPU": ({"train.dtype": "fp16"}, "train.dtype is fp16 on the CPU"),
+}
+
+
+@pytest.mark.parametrize("case", WARNING_CASES)
+def test_likely_mistake_in_train_params_is_one_warning_line(trained: Path, case: str) -> None:
+    updates, fragment = WARNING_CASES[case]
+    set_params(trained / "params.yaml", {**updates, "train.max_iters": 20})
+
+    proc = run_stage(trained, "train", check=False)
+
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and fragment in warnings[0], proc.stderr
+    assert (trained / "out/ckpt.pt").exists()  # a warning, not a refusal: training ran
+
+
+def test_long_generation_that_shows_nothing_warns_before_it_starts(trained: Path) -> None:
+    """A million tokens into a file: one warning line at once, rather than silence for an hour."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.sample", *SAMPLE, "--num_tokens", "1000000"],
+        cwd=trained,
+        env=tool_env(trained),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # the first line, or nothing after two minutes (start-up takes seconds): the generation itself takes far longer
+    arrived, _, _ = select.select([proc.stderr], [], [], 120)
+    first_line = proc.stderr.readline() if arrived else ""
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+
+    assert first_line.startswith("warning: sample.num_tokens is 1,000,000 and nothing shows until all are generated")
+    assert proc.returncode == 130  # it was still generating

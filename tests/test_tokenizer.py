@@ -135,9 +135,21 @@ def test_save_and_load_round_trip(tmp_path, kind):
     assert restored.encode(TEXT) == tok.encode(TEXT)
 
 
-def test_unknown_kind_is_a_user_error():
-    with pytest.raises(UserError, match="'words'"):
-        tokenizer_from_dict({"kind": "words"})
+@pytest.mark.parametrize(
+    "definition",
+    [
+        {"kind": "words"},
+        ["a", "b"],
+        {"kind": "char", "chars": 5},
+        {"kind": "char", "chars": ""},
+        {"kind": "char", "chars": "abca"},
+        {"kind": "bpe", "tokenizer": {"merges": 3}},
+    ],
+    ids=["unknown kind", "a list", "chars a number", "no chars", "a repeated char", "garbage BPE"],
+)
+def test_malformed_definition_is_a_value_error(definition):
+    with pytest.raises(ValueError):
+        tokenizer_from_dict(definition)
 
 
 def test_missing_vocabulary_file_is_a_user_error(tmp_path):

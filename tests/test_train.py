@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from nanogpt import data, files
+from nanogpt import data
 from nanogpt.checkpoint import load_checkpoint
+from nanogpt.data import save_tokens
 from nanogpt.optim import lr_factor
 from nanogpt.tokenizer import CharTokenizer, save_tokenizer, split_text
 from nanogpt.train import TrainPaths, train
@@ -37,8 +38,8 @@ def encoded_data(folder: Path) -> None:
     text = "to be, or not to be, that is the question:\n" * 40
     train_text, val_text = split_text(text, 0.2)
     tok = CharTokenizer.fit(train_text)
-    files.torch_save(torch.tensor(tok.encode(train_text), dtype=torch.int32), folder / "train.pt")
-    files.torch_save(torch.tensor(tok.encode(val_text), dtype=torch.int32), folder / "val.pt")
+    save_tokens(folder / "train.pt", torch.tensor(tok.encode(train_text), dtype=torch.int32), tok)
+    save_tokens(folder / "val.pt", torch.tensor(tok.encode(val_text), dtype=torch.int32), tok)
     save_tokenizer(tok, folder / "vocab.json")
 
 
