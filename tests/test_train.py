@@ -157,7 +157,9 @@ def test_with_ema_the_checkpoint_holds_the_average_that_was_evaluated(tmp_path):
     last, _, _ = load_checkpoint(plain / "ckpt.pt")  # the same run without the average: its last weights
     assert info["step"] == 6 == summary["best_step"]
     assert not torch.equal(model.wte.weight, last.wte.weight)
-    evalset = data.eval_windows(data.load_tokens(folder / "data/val.pt"), cfg.model.block_size)
+    _, tokenizer, _ = load_checkpoint(paths.checkpoint)
+    val = data.load_tokens(folder / "data/val.pt", tokenizer, folder / "data/vocab.json")
+    evalset = data.eval_windows(val, cfg.model.block_size)
     total, count = data.evaluate(model, evalset, cfg.train.batch_size, contextlib.nullcontext(), None, 0, 1)
     assert float(total / count) == pytest.approx(info["val_loss"], rel=1e-5)
 
