@@ -16,9 +16,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from conftest import PROJECT_ROOT, TINY_PARAMS, nested, workspace_params, write_params
-from nanogpt.config import Config, load_config
+from nanogpt.config import Config, ModelConfig, load_config, problems
 from nanogpt.errors import UserError
 
 SCHEMA = PROJECT_ROOT / "params.schema.json"
@@ -173,6 +174,7 @@ def test_a_type_error_hides_no_range_error_in_the_same_section(params):
         ("encode.tokenizer", "word", "encode.tokenizer must be one of 'char', 'bpe'"),
         ("train.optimizer", "sgd", "train.optimizer must be one of 'adamw', 'muon'"),
         ("sample.top_k", "many", "sample.top_k must be an integer or null"),
+        ("train.learning_rate", None, "train.learning_rate must be a number, got None"),
     ],
 )
 def test_wrong_types_name_the_key_and_the_value(params, name, value, expected):
@@ -193,12 +195,60 @@ def test_wrong_types_name_the_key_and_the_value(params, name, value, expected):
         ("encode.vocab_size", 100, "encode.vocab_size must be in [257, 65536]"),
         ("data.sha256", "abc", "data.sha256 must be 64 hex digits, got 'abc'"),
         ("data.url", "ftp://example.com/x", "data.url must start with http://, https:// or file://"),
+        ("train.learning_rate", 0, "train.learning_rate must be > 0, got 0.0"),
     ],
 )
 def test_out_of_range_values_name_the_key_and_the_value(params, name, value, expected):
     message = problems_of(params, {name: value})
 
     assert expected in message
+
+
+def test_the_readme_example_error_is_the_message_in_full():
+    """A range error ends with what the key means; the problems are joined by semicolons."""
+    message = problems_of(workspace_params(), {"encode.val_fraction": 1.5, "model.n_head": 5})  # the README's
+
+    assert message == (
+        "invalid params: encode.val_fraction must be in (0, 1), got 1.5 (the fraction of the text, at its end, "
+        "held out for validation); model.n_embd (384) must be divisible by model.n_head (5)"
+    )
+
+
+def test_a_key_of_two_types_is_one_problem_naming_both(params):
+    """pydantic reports a union once per option; the message names the key once, with every allowed value."""
+    message = problems_of(params, {"train.compile": "fast"})
+
+    assert message == "invalid params: train.compile must be true or false or 'auto', got 'fast'"
+
+
+def test_a_section_built_from_keywords_names_its_keys_as_params_yaml_does():
+    """load_checkpoint builds ModelConfig from the saved keys: its problems read as those of params.yaml."""
+    with pytest.raises(ValidationError) as info:
+        ModelConfig(
+            block_size=0,
+            n_layer=2,
+            n_head=2,
+            n_embd=32,
+            dropout=0.0,
+            rope=False,
+            qk_norm=False,
+            mlp="gelu",
+            tie_embeddings=True,
+            colour="red",
+        )
+
+    assert problems(info.value) == [
+        "model.block_size must be >= 1, got 0 (context length in tokens)",
+        "missing model.gradient_checkpointing",
+        "unknown parameter model.colour",
+    ]
+
+
+def test_without_a_path_the_params_yaml_of_the_current_folder_is_read(tmp_path, monkeypatch):
+    edited_params(tmp_path, edit={"train": {"seed": 7}})
+    monkeypatch.chdir(tmp_path)
+
+    assert load_config().train.seed == 7
 
 
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
@@ -245,6 +295,7 @@ def test_invalid_yaml_is_a_user_error(tmp_path):
     message = problems_of(path)
 
     assert "not valid YAML" in message and str(path) in message
+    assert "line 1, column 8" in message and "\n" not in message  # where, in one line
 
 
 def test_yaml_that_is_not_a_mapping_is_a_user_error(tmp_path):

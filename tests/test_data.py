@@ -86,7 +86,7 @@ def test_eval_windows_score_every_target_exactly_once(n):
 
 
 def test_split_too_short_for_the_block_names_block_size():
-    with pytest.raises(UserError, match=r"model\.block_size \(8\)"):
+    with pytest.raises(UserError, match=r"model\.block_size \(8\) needs at least 9 tokens in the split, which has 8"):
         eval_windows(torch.arange(8), 8)
 
 
@@ -183,6 +183,15 @@ def test_read_corpus_rejects_a_bad_file(tmp_path, content, problem):
     assert str(path) in str(info.value) and problem in str(info.value)
 
 
+def test_read_corpus_of_a_missing_file_says_to_download_it(tmp_path):
+    path = tmp_path / "input.txt"
+
+    with pytest.raises(UserError) as info:
+        read_corpus(path)
+
+    assert str(path) in str(info.value) and "dvc repro download" in str(info.value)
+
+
 def test_load_tokens_round_trip(tmp_path):
     path, tokenizer = tmp_path / "train.pt", CharTokenizer("abc")
     tokens = random_tokens(50)
@@ -191,9 +200,14 @@ def test_load_tokens_round_trip(tmp_path):
     assert torch.equal(load_tokens(path, tokenizer, tmp_path / "vocab.json"), tokens)
 
 
-def test_load_tokens_rejects_a_file_of_something_else(tmp_path):
+@pytest.mark.parametrize(
+    "content",
+    [torch.rand(3, 3), torch.zeros(3, 3, dtype=torch.int64), torch.rand(5), {"ids": torch.arange(5)}],
+    ids=["2-D floats", "2-D integers", "1-D floats", "a dict without tokens"],
+)
+def test_load_tokens_rejects_a_file_of_something_else(tmp_path, content):
     path = tmp_path / "train.pt"
-    torch_save(torch.rand(3, 3), path)
+    torch_save(content, path)
 
     with pytest.raises(UserError, match="1-D tensor of token ids"):
         load_tokens(path, CharTokenizer("abc"), tmp_path / "vocab.json")
@@ -214,3 +228,12 @@ def test_load_tokens_rejects_ids_that_do_not_name_their_tokenizer(tmp_path):
 
     with pytest.raises(UserError, match="does not say which tokenizer made it"):
         load_tokens(path, CharTokenizer("abc"), tmp_path / "vocab.json")
+
+
+def test_load_tokens_of_a_missing_file_names_it_a_token_file(tmp_path):
+    path = tmp_path / "train.pt"
+
+    with pytest.raises(UserError) as info:
+        load_tokens(path, CharTokenizer("abc"), tmp_path / "vocab.json")
+
+    assert f"token file {path} not found" in str(info.value)

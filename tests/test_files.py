@@ -26,6 +26,15 @@ def test_atomic_write_replaces_the_content(tmp_path):
     assert os.listdir(tmp_path) == ["out.txt"]
 
 
+def test_json_files_hold_one_value_a_line(tmp_path):
+    """Metrics and vocabularies are committed: one value a line, indented, makes a diff show the changed keys."""
+    path = tmp_path / "metrics.json"
+
+    files.write_json(path, {"best_val_loss": 1.5, "steps": [10, 20]})
+
+    assert path.read_text(encoding="utf-8") == '{\n  "best_val_loss": 1.5,\n  "steps": [\n    10,\n    20\n  ]\n}\n'
+
+
 def test_atomic_write_fsyncs_the_temporary_file_before_renaming_it(tmp_path, monkeypatch):
     """Without the fsync a crash after the rename can leave an empty or partial file under the final name."""
     events: list[tuple] = []

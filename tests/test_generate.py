@@ -9,7 +9,7 @@ import torch
 
 from conftest import cuda_devices, tiny_config
 from nanogpt.engine import generate
-from nanogpt.generate import SamplingParams, context_length, generate_reference, logits_to_probs, sample
+from nanogpt.generate import Noise, SamplingParams, context_length, generate_reference, logits_to_probs, sample
 from nanogpt.model import GPT, KVCache
 
 VOCAB = 13
@@ -100,6 +100,14 @@ def test_top_p_of_one_keeps_everything():
     assert kept(probs) == {0, 1, 2}
 
 
+def test_top_p_of_one_keeps_a_token_whose_probability_is_lost_in_rounding():
+    """Top-p 1 is off: a token e^-30 times less likely than the other still counts, although float32 rounds the
+    mass before it (1 - 9e-14) up to 1."""
+    probs = logits_to_probs(torch.tensor([[0.0, -30.0]]), SamplingParams(1.0, top_k=None, top_p=1.0))
+
+    assert kept(probs) == {0, 1}
+
+
 def test_top_k_then_top_p():
     logits = log_probs(0.4, 0.3, 0.2, 0.1)
 
@@ -161,6 +169,40 @@ def test_sampled_frequencies_are_the_softmax_of_logits_over_temperature(temperat
     torch.testing.assert_close(frequencies, expected, rtol=0, atol=0.006)
 
 
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(1.0, top_k=3, top_p=None), SamplingParams(1.0, top_k=None, top_p=0.8)],
+    ids=["top_k", "top_p"],
+)
+def test_sampled_frequencies_follow_top_k_or_top_p_alone(params):
+    """With only one of top-k and top-p set, `sample` draws from the tokens it keeps (here the three likeliest)
+    in their odds 4 : 3 : 2."""
+    n = 100_000
+    logits = log_probs(0.4, 0.3, 0.2, 0.1)
+    gumbel = torch.empty(n, 4).exponential_(generator=torch.Generator().manual_seed(0)).log_().neg_()
+
+    tokens = sample(logits.expand(n, 4), params, gumbel)
+
+    frequencies = torch.bincount(tokens, minlength=4) / n
+    # standard deviation at most sqrt(0.25 / n) = 0.0016; an unfiltered draw gives the last token 0.1, noise
+    # subtracted instead of added moves the others by over 0.02
+    torch.testing.assert_close(frequencies, torch.tensor([4 / 9, 3 / 9, 2 / 9, 0.0]), rtol=0, atol=0.01)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(1.0, top_k=2, top_p=None), SamplingParams(1.0, top_k=None, top_p=0.5)],
+    ids=["top_k", "top_p"],
+)
+def test_a_token_that_the_filter_drops_is_never_drawn_for_a_single_sample(params):
+    """However large its noise: one sample, fewer than top_k, is filtered as a batch is."""
+    gumbel = torch.tensor([[0.0, 0.0, 0.0, 50.0]])
+
+    token = sample(log_probs(0.4, 0.3, 0.2, 0.1), params, gumbel)
+
+    assert token.tolist() == [0]
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
 def test_sampling_follows_the_model_probabilities(model, temperature):
     n = 3000
@@ -171,6 +213,19 @@ def test_sampling_follows_the_model_probabilities(model, temperature):
 
     frequencies = torch.bincount(first, minlength=VOCAB) / n
     torch.testing.assert_close(frequencies, probs, rtol=0, atol=0.03)
+
+
+def test_noise_gives_each_token_the_same_numbers_however_they_are_asked_for():
+    """Asked for in pieces that cross the blocks the noise is drawn in, as a long generation asks for it, or all
+    at once: the same numbers for each token."""
+    n = 3 * Noise.CHUNK + 100
+    whole = Noise(seed=5, num_samples=2, vocab_size=3, device=torch.device("cpu")).for_tokens(0, n)
+    noise = Noise(seed=5, num_samples=2, vocab_size=3, device=torch.device("cpu"))
+    starts = [0, 1, 300, 511, 512, 513, 900, 1030, 1536, 1600]
+
+    pieces = [noise.for_tokens(i, j - i) for i, j in itertools.pairwise([*starts, n])]
+
+    assert torch.equal(torch.cat(pieces), whole)
 
 
 def test_context_length_is_everything_up_to_block_size():

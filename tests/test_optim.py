@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_config
 from nanogpt.config import TrainConfig
 from nanogpt.model import GPT
-from nanogpt.optim import BatchedMuon, build_optimizers, lr_factor, set_lr
+from nanogpt.optim import BatchedMuon, build_optimizers, lr_factor, set_lr, use_lr_tensors
 
 TRAIN = tiny_config().train
 TINY = tiny_config(
@@ -78,6 +78,15 @@ def test_adamw_decays_matrices_only():
     grouped = [p for group in adamw.param_groups for p in group["params"]]
     assert sorted(map(id, grouped)) == sorted(id(p) for p in model.parameters())
     assert any(p.dim() == 1 for p in grouped)  # the LayerNorm weights are there, undecayed
+
+
+def test_adamw_takes_its_rate_and_betas_from_the_config():
+    # none of them torch's defaults (lr 1e-3, betas 0.9 and 0.999), so that a dropped argument shows
+    cfg = dataclasses.replace(TRAIN, optimizer="adamw", learning_rate=3e-3, beta1=0.8, beta2=0.95)
+
+    [adamw] = build_optimizers(tiny_model(), cfg, torch.device("cpu"))
+
+    assert [(g["peak_lr"], g["betas"]) for g in adamw.param_groups] == [(3e-3, (0.8, 0.95))] * 2
 
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
@@ -186,3 +195,65 @@ def test_set_lr_scales_each_groups_peak():
     adamw, muon = optimizers
     assert all(g["lr"] == pytest.approx(cfg.learning_rate * 0.5) for g in adamw.param_groups)
     assert all(g["lr"] == pytest.approx(cfg.muon_learning_rate * 0.5) for g in muon.param_groups)
+
+
+def test_a_matrix_alone_in_its_shape_steps_as_torch_optim_muon_does():
+    """A one-layer model has one matrix of each shape. BatchedMuon's defaults are torch.optim.Muon's; in bfloat16
+    they agree to its precision (as above). The matrix is tall, which Newton-Schulz transposes."""
+    start = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    muon = BatchedMuon([ours], lr=0.02, weight_decay=0.1)
+    torch_muon = torch.optim.Muon([theirs], lr=0.02, weight_decay=0.1)
+    grads = torch.Generator().manual_seed(1)
+
+    for _ in range(3):
+        ours.grad = torch.randn(8, 4, generator=grads)
+        theirs.grad = ours.grad.clone()
+        muon.step()
+        torch_muon.step()
+
+    ours_moved, theirs_moved = ours.detach() - start, theirs.detach() - start
+    torch.testing.assert_close(ours_moved, theirs_moved, rtol=0, atol=0.1 * theirs_moved.abs().max().item())
+    assert torch.cosine_similarity(ours_moved.flatten(), theirs_moved.flatten(), dim=0) > 0.99
+
+
+def test_muon_resumed_from_its_state_dict_steps_as_the_one_that_went_on():
+    """Resuming restores the momentum: the next step matches the uninterrupted optimizer's exactly."""
+    grads = [torch.randn(6, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    first = torch.nn.Parameter(torch.zeros(6, 6))
+    muon = BatchedMuon([first], lr=0.02, weight_decay=0.0)
+    for grad in grads[:2]:
+        first.grad = grad
+        muon.step()
+    resumed = torch.nn.Parameter(first.detach().clone())
+    restored = BatchedMuon([resumed], lr=0.02, weight_decay=0.0)
+
+    restored.load_state_dict(copy.deepcopy(muon.state_dict()))  # as from a file: tensors of its own
+    for p, opt in ((first, muon), (resumed, restored)):
+        p.grad = grads[2]
+        opt.step()
+
+    assert torch.equal(resumed, first)
+
+
+def test_rates_held_in_tensors_step_as_numbers_do():
+    """A captured step (nanogpt/step.py) reads its rates from tensors, which set_lr must fill in place."""
+    model = tiny_model()
+    twin = copy.deepcopy(model)
+    cfg = dataclasses.replace(TRAIN, optimizer="muon")
+    numbers = build_optimizers(model, cfg, torch.device("cpu"))
+    tensors = build_optimizers(twin, cfg, torch.device("cpu"))
+    use_lr_tensors(tensors, torch.device("cpu"))
+    captured = [g["lr"] for opt in tensors for g in opt.param_groups]
+    x = torch.randint(13, (4, 8), generator=torch.Generator().manual_seed(0))
+
+    for m, optimizers in ((model, numbers), (twin, tensors)):
+        set_lr(optimizers, 0.5)
+        m(x, x)[1].backward()
+        for opt in optimizers:
+            opt.step()
+
+    assert all(g["lr"] is lr for g, lr in zip((g for opt in tensors for g in opt.param_groups), captured, strict=True))
+    assert [lr.item() for lr in captured] == pytest.approx([cfg.learning_rate / 2] * 2 + [cfg.muon_learning_rate / 2])
+    for ours, theirs in zip(twin.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs)

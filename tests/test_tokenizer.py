@@ -92,6 +92,21 @@ def test_bpe_compresses_the_training_text(bpe):
     assert len(bpe.encode(TEXT)) < len(TEXT.encode("utf-8")) / 2
 
 
+def test_bpe_learns_line_ends_as_the_text_writes_them():
+    """Each training line keeps its line end, so a text with Windows line ends (CRLF) learns "\r\n" as one token."""
+    tok = BpeTokenizer.fit(TEXT.replace("\n", "\r\n"), vocab_size=300)
+
+    assert len(tok.encode("\r\n")) == 1
+
+
+def test_bpe_fit_prints_nothing(capfd):
+    """No progress bar: the trainer would print one (blank lines where stderr is not a terminal) into the encode
+    stage's output."""
+    BpeTokenizer.fit(TEXT, vocab_size=280)
+
+    assert capfd.readouterr() == ("", "")
+
+
 def test_bpe_trained_on_the_training_split_never_sees_validation_text():
     train_only = "the cat sat on the mat. " * 200
     val_only = "zyzzyva quokka " * 200  # frequent enough to be merged if the trainer saw it
