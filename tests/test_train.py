@@ -1,4 +1,5 @@
-"""The training loop's optional outputs: TensorBoard event files next to the DVC metrics."""
+"""The training loop's optional outputs: TensorBoard event files next to the DVC metrics, and its progress lines
+off a terminal."""
 
 import csv
 import dataclasses
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanogpt import files
+from nanogpt import files, progress
 from nanogpt.config import load_config
 from nanogpt.optim import lr_factor
 from nanogpt.tokenizer import CharTokenizer, save_tokenizer, split_text
@@ -136,3 +137,21 @@ def test_compiled_train_step_gives_eager_losses(tmp_path, monkeypatch):
 
     assert compiled_losses == pytest.approx(eager_losses, abs=1e-4)
     assert compiled_val == pytest.approx(eager_val, abs=1e-4)
+
+
+def test_training_off_a_terminal_prints_step_lines_with_the_cpu_loss(tmp_path, capsys, monkeypatch):
+    """The loop's wiring: with the interval at 0 every step prints its line, whose loss is the one the series logs."""
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)
+    encoded_data(tmp_path / "data")
+    cfg = load_config(REPO_PARAMS, TINY)
+
+    train(cfg, paths_under(tmp_path), show_progress=True)
+
+    out = capsys.readouterr().out.splitlines()
+    step_lines = [line for line in out if "/6 (" in line]
+    assert [line.split(":")[0] for line in step_lines] == [f"step {n}/6 ({100 * n // 6}%)" for n in range(1, 7)]
+    train_losses = (tmp_path / "metrics/train_loss.tsv").read_text().splitlines()[1:]
+    for line, row in zip(step_lines, train_losses, strict=True):
+        loss = float(line.split("loss ")[1].split()[0])
+        assert loss == pytest.approx(float(row.split()[1]), abs=1e-4)  # 4 decimals on the line, 6 digits in the TSV
+        assert "tok/s  ETA 0:00:" in line
