@@ -286,7 +286,10 @@ class SampleConfig:
         _key("nucleus sampling: keep this much probability; null: off"),
     ]
     seed: Annotated[StrictInt, _key("random seed", **_SEED_RANGE)]
-    quantize: Annotated[Literal["int8"] | None, _key("int8: int8 weights, faster sampling on a CPU; null: off")]
+    quantize: Annotated[
+        Literal["auto", "int8"] | None,
+        _key("auto: int8 weights on a CPU, off on a GPU; int8: int8 weights (CPU only); null: off"),
+    ]
     compile: Annotated[StrictBool, _key("torch.compile the decode step: faster steps after seconds of compiling")]
 
 

@@ -57,11 +57,17 @@ class RunLog:
     evaluations (time spent saving resume state left out)."""
 
     def __init__(
-        self, folder: Path, tensorboard: Path | None, total_steps: int, is_main: bool, show_progress: bool
+        self,
+        folder: Path,
+        tensorboard: Path | None,
+        total_steps: int,
+        tokens_per_step: int,
+        is_main: bool,
+        show_progress: bool,
     ) -> None:
         self.series = MetricsLog()
         self.folder, self.writes_files = folder, is_main
-        self.progress = TrainProgress(total_steps, 0, enabled=show_progress and is_main)
+        self.progress = TrainProgress(total_steps, 0, show_progress and is_main, tokens_per_step)
         self.writer = None
         if tensorboard is not None and is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -74,6 +80,12 @@ class RunLog:
     def start(self, step: int) -> None:
         """Training (re)starts at `step`: the first interval is measured from here."""
         self.interval_start, self.interval_step = time.perf_counter(), step
+        self.progress.start(step)
+
+    def step(self, step: int, loss: torch.Tensor) -> None:
+        """`step` is done with this rank's `loss`: the bar moves, or now and then a line shows it where reading it
+        makes the host wait for nothing (the CPU; a GPU's losses are read at the evaluations)."""
+        self.progress.step(step, (lambda: float(loss)) if loss.device.type == "cpu" else None)
 
     def pause(self, seconds: float) -> None:
         """Leave `seconds` (spent on something other than training) out of the current interval."""

@@ -1,6 +1,7 @@
 """Progress display: rich bars on a terminal, plain log lines when output goes to a file or CI."""
 
 import contextlib
+import datetime
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +17,10 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+
+# Off a terminal, training prints a progress line this often (at the end of the first step after), besides one per
+# evaluation, so that a log under DVC or CI shows that a long run is alive and when it will end.
+LINE_EVERY_S = 10.0
 
 
 def is_terminal() -> bool:
@@ -53,10 +58,18 @@ def byte_progress(description: str, total: int | None) -> Iterator[Callable[[int
 
 
 class TrainProgress:
-    """Step bar with loss, val loss, tokens/s and ETA; on a non-terminal, one line per report."""
+    """Step bar with loss, val loss, tokens/s and ETA; on a non-terminal, one line per report and, between reports,
+    a line every LINE_EVERY_S seconds: step, loss (where known), tokens/s and ETA since the last line."""
 
-    def __init__(self, total_steps: int, start_step: int, enabled: bool = True) -> None:
-        self.enabled = enabled
+    def __init__(
+        self,
+        total_steps: int,
+        start_step: int,
+        enabled: bool = True,
+        tokens_per_step: int = 0,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.enabled, self.total, self.tokens_per_step, self.clock = enabled, total_steps, tokens_per_step, clock
         self.bar: Progress | None = None
         if enabled and is_terminal():
             self.bar = Progress(
@@ -70,10 +83,25 @@ class TrainProgress:
             )
             self.task = self.bar.add_task("train", total=total_steps, completed=start_step, info="")
             self.bar.start()
+        self.start(start_step)
 
-    def step(self, step: int) -> None:
+    def start(self, step: int) -> None:
+        """Training (re)starts at `step`, or an evaluation ended there: the next plain line measures from now."""
+        self.mark = (step, self.clock())
         if self.bar is not None:
             self.bar.update(self.task, completed=step)
+
+    def step(self, step: int, loss: Callable[[], float] | None = None) -> None:
+        """`step` is done; `loss()`, when given, reads its training loss (called only when a line is printed)."""
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step)
+            return
+        if not self.enabled:
+            return
+        now = self.clock()
+        if now - self.mark[1] >= LINE_EVERY_S:
+            log(plain_line(step, self.total, loss() if loss else None, self.tokens_per_step, self.mark, now))
+            self.mark = (step, now)
 
     def report(self, step: int, info: str) -> None:
         """Show `info` (loss, val loss, tokens/s) for `step`: in the bar, or as a log line."""
@@ -95,3 +123,15 @@ class TrainProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def plain_line(
+    step: int, total: int, loss: float | None, tokens_per_step: int, since: tuple[int, float], now: float
+) -> str:
+    """`step 340/1500 (23%): loss 2.1345  12,345 tok/s  ETA 0:01:23`, the speed and ETA from the steps since
+    `since` (step, time)."""
+    steps, seconds = step - since[0], max(now - since[1], 1e-9)
+    eta = datetime.timedelta(seconds=round((total - step) * seconds / max(steps, 1)))
+    loss_part = f"loss {loss:.4f}  " if loss is not None else ""
+    speed = f"{steps * tokens_per_step / seconds:,.0f} tok/s"
+    return f"step {step}/{total} ({100 * step // total}%): {loss_part}{speed}  ETA {eta}"

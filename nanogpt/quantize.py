@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nanogpt.errors import UserError
 from nanogpt.model import GPT, MLP, Block
 
 # up to this many rows the fused int8 kernel wins (decoding); above it a bf16 matrix product does (prefill)
@@ -72,3 +73,15 @@ def quantize_int8(model: GPT) -> GPT:
         block.attn.c_attn, block.attn.c_proj = Int8Linear(block.attn.c_attn), Int8Linear(block.attn.c_proj)  # type: ignore[assignment]
         block.mlp = Int8MLP(block.mlp)  # type: ignore[assignment]
     return model
+
+
+def uses_int8(setting: str | None, device: torch.device) -> bool:
+    """Whether to sample with int8 weights, from sample.quantize: `auto` on a CPU, where a token's time is set by the
+    bytes of the weights, and never on a GPU (bf16 there, and its graphs and kernels are fast already); `int8`
+    always, a UserError off the CPU; None never."""
+    if setting == "int8" and device.type != "cpu":
+        raise UserError(
+            f"sample.quantize int8 is for sampling on the CPU, and this run is on {device}: "
+            "set sample.quantize to auto or null, or sample with --device cpu"
+        )
+    return setting == "int8" or (setting == "auto" and device.type == "cpu")

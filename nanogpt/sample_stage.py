@@ -14,7 +14,7 @@ from nanogpt.config import SampleConfig
 from nanogpt.engine import generate
 from nanogpt.errors import UserError, out_of_memory, warn
 from nanogpt.generate import SamplingParams
-from nanogpt.quantize import quantize_int8
+from nanogpt.quantize import quantize_int8, uses_int8
 from nanogpt.tokenizer import Tokenizer, load_tokenizer
 
 QUIET_TOKENS = 100_000  # a generation this long that does not stream to the terminal gets a warning
@@ -69,13 +69,10 @@ def run_sampling(cfg: SampleConfig, run: SampleRun, stream: TextIO | None) -> li
     if top_k is not None and top_k > tokenizer.vocab_size:
         print(f"note: sample.top_k ({top_k}) is larger than the vocabulary; clamped to {tokenizer.vocab_size}")
         top_k = tokenizer.vocab_size
-    model = model.to(runtime.resolve_dtype("auto", device))  # bf16 (or fp16) on CUDA, fp32 elsewhere
-    if cfg.quantize == "int8":
-        if device.type != "cpu":
-            raise UserError(
-                f"sample.quantize int8 is for sampling on the CPU, and this run is on {device}: "
-                "set sample.quantize to null, or sample with --device cpu"
-            )
+    dtype = runtime.resolve_dtype("auto", device)  # bf16 (or fp16) on CUDA, fp32 elsewhere
+    model = model.to(dtype)
+    int8 = uses_int8(cfg.quantize, device)
+    if int8:
         quantize_int8(model)
     params = SamplingParams(cfg.temperature, top_k, cfg.top_p)
     streamer = None
@@ -104,7 +101,8 @@ def run_sampling(cfg: SampleConfig, run: SampleRun, stream: TextIO | None) -> li
     if run.output is not None:
         files.write_text(run.output, _join(texts))
     if run.metrics is not None:
-        files.write_json(run.metrics, clock.metrics(cfg.num_tokens, cfg.num_samples, launched))
+        weights = "int8" if int8 else str(dtype).removeprefix("torch.")  # which path ran (sample.quantize: auto)
+        files.write_json(run.metrics, {**clock.metrics(cfg.num_tokens, cfg.num_samples, launched), "weights": weights})
     return texts
 
 

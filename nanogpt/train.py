@@ -243,7 +243,9 @@ class Trainer:
         self.store = ResumeStore(paths.resume_dir)
         self.key = resume_key(_trajectory_settings(cfg, device, dtype, dist_info.world_size), _data_files(paths))
         tensorboard = paths.tensorboard_dir if train.tensorboard else None
-        self.log = RunLog(paths.metrics_dir, tensorboard, train.max_iters, dist_info.is_main, show_progress)
+        self.log = RunLog(
+            paths.metrics_dir, tensorboard, train.max_iters, self.tokens_per_step, dist_info.is_main, show_progress
+        )
         self.restore()
         self.log.progress.message(
             f"{self.model.num_params() / 1e6:.2f}M parameters on {device} ({str(dtype)[6:]}), "
@@ -277,7 +279,7 @@ class Trainer:
         self.started -= state.elapsed
         if self.dist.is_main:
             self.store.restore_checkpoint(self.paths.checkpoint)
-        self.log.progress.step(self.step)
+        self.log.start(self.step)
 
     def save_resume(self) -> None:
         if not self.dist.is_main:
@@ -324,7 +326,7 @@ class Trainer:
         # the rate the optimizer read (AdamW's, learning_rate's schedule), not a recomputed one
         self.series.record(self.step, loss, norm, self.learner.optimizers[0].param_groups[0]["lr"])
         self.step += 1
-        self.log.progress.step(self.step)
+        self.log.step(self.step, loss)
 
     def _flush(self) -> None:
         """Check the steps since the last flush for non-finite values and log their losses (one host sync)."""

@@ -26,7 +26,7 @@ FLAGS: dict[str, tuple[Callable[[str], object], str]] = {
     "top_k": (stage.optional(int), "overrides sample.top_k; none: off"),
     "top_p": (stage.optional(float), "overrides sample.top_p; none: off"),
     "seed": (int, "overrides sample.seed"),
-    "quantize": (stage.optional(str), "overrides sample.quantize: int8, or none: off"),
+    "quantize": (stage.optional(str), "overrides sample.quantize: auto (int8 on a CPU, off on a GPU), int8 or none"),
 }
 
 

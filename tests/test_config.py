@@ -411,6 +411,7 @@ def test_workspace_params_give_the_documented_defaults():
     assert cfg.data.url.startswith("https://")
     assert len(cfg.data.sha256) == 64
     assert cfg.sample.top_k is None and cfg.sample.top_p is None
+    assert cfg.sample.quantize == "auto"  # int8 on a CPU (3x the tokens/s, BENCHMARKS.md), off on a GPU
     assert cfg.sample.prompt == "\n"
 
 

@@ -10,6 +10,7 @@ import ast
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +28,10 @@ from conftest import (
     output,
     ran_stages,
     restored_stages,
+    run,
     skipped_stages,
     snapshot,
+    tool_env,
 )
 
 OUTPUTS = (
@@ -297,3 +300,100 @@ def test_an_experiment_identical_to_an_earlier_one_restores_train_from_the_run_c
     assert "train" in restored_stages(result) and "train" not in ran_stages(result), output(result)
     assert (project / "metrics/train.json").read_text(encoding="utf-8") == summary
     assert (project / "metrics/val_loss.tsv").is_file() and (project / "out/ckpt.pt").is_file()
+
+
+# ---------------------------------------------------------------- what the README says about experiments
+
+
+def readme_block(after: str) -> list[str]:
+    """The commands of the README's first bash block after the line `after`, comments removed."""
+    text = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split(after, 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
+    return [line.split("  #")[0].strip() for line in block.splitlines()]
+
+
+def _number_or_text(value: object) -> object:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return value
+
+
+def _flat(params: dict) -> dict[str, object]:
+    return {f"{section}.{key}": _number_or_text(v) for section, keys in params.items() for key, v in keys.items()}
+
+
+@pytest.mark.parametrize("quick_start", ["gpu", "cpu"])
+def test_readme_examples_change_what_they_set_after_either_quick_start(quick_start: str) -> None:
+    """Run in order from the state a quick start leaves (params.yaml's defaults, or those with configs/cpu.args),
+    every `-S key=value` of the README's examples sets a new value: none is a no-op that reruns nothing."""
+    state = _flat(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8")))
+    if quick_start == "cpu":
+        cpu_args = (PROJECT_ROOT / "configs/cpu.args").read_text(encoding="utf-8").split()
+        state.update((k, _number_or_text(v)) for k, v in (a.split("=", 1) for a in cpu_args if a != "-S"))
+    baseline = dict(state)
+    commands = readme_block("## Working with DVC")
+    assert any(" -S " in command for command in commands)
+
+    for command in commands:
+        if command == "dvc exp apply HEAD":
+            state = dict(baseline)
+        words = command.split()
+        for key, values in (words[i + 1].split("=", 1) for i, word in enumerate(words) if word == "-S"):
+            for value in values.split(","):  # a queued grid: each value one experiment
+                assert _number_or_text(value) != state[key], f"{command!r} leaves {key} at {state[key]}"
+            if "--queue" not in words:  # queued runs leave the workspace alone
+                state[key] = _number_or_text(values)
+
+
+@pytest.mark.slow
+def test_readme_exp_show_command_leaves_out_the_hash_columns_and_keeps_metrics_and_changed_params(
+    reproduced_project: Path,
+) -> None:
+    (command,) = [c for c in readme_block("## Working with DVC") if c.startswith("dvc exp show")]
+    project = reproduced_project
+    dvc(project, "exp", "run", "-S", "train.learning_rate=0.003")
+    env = {**tool_env(project), "COLUMNS": "1000"}  # wide enough that no column is folded away
+
+    def show(args: str) -> str:
+        bash = ["bash", "-c", f"{sys.executable} -m {args}"]
+        return subprocess.run(bash, cwd=project, env=env, capture_output=True, text=True, check=True).stdout
+
+    md5 = re.compile(r"\b[0-9a-f]{32}\b")  # a hash column's value
+    assert md5.search(show("dvc exp show --csv"))  # without the flags, the hashes are there
+    table = show(command)
+    assert not md5.search(table), table
+    header = table.splitlines()[1].split()
+    assert {"best_val_loss", "best_val_bpc", "train.learning_rate"} <= set(header), table
+    assert not any(name.startswith(("data/", "nanogpt/", "stages/", "out/")) for name in header), table
+    assert "train.batch_size" not in header  # the same in every row
+
+
+@pytest.mark.slow
+def test_quick_start_experiment_stays_in_the_workspace_until_applied_back_or_committed(project: Path) -> None:
+    """What the README says the CPU quick start leaves, and the commands it gives to undo or keep it, on a fresh
+    clone (nothing committed but the code and params)."""
+    committed = (project / "params.yaml").read_text(encoding="utf-8")
+    dvc(project, "exp", "run", "-n", "cpu", "-S", "train.learning_rate=0.002", "-S", "model.n_layer=1")
+
+    assert git(project, "status", "--porcelain", "params.yaml", "dvc.lock").stdout.splitlines() == [
+        " M params.yaml",
+        "?? dvc.lock",
+    ]
+    dvc(project, "exp", "apply", "HEAD")  # back to the defaults
+    assert (project / "params.yaml").read_text(encoding="utf-8") == committed
+    assert (project / "dvc.lock").exists()  # the run's results stay until `dvc repro`
+
+    dvc(project, "exp", "apply", "cpu")
+    run(project, "bash", "-c", 'git add -A && git commit -m "CPU configuration"')  # keep it, as the README says
+    assert git(project, "status", "--porcelain").stdout == ""
+    assert "up to date" in dvc(project, "status").stdout
+    checkpoint = (project / "out/ckpt.pt").read_bytes()
+
+    dvc(project, "exp", "run", "-S", "train.learning_rate=0.003")
+    assert git(project, "status", "--porcelain").stdout != ""
+    dvc(project, "exp", "apply", "HEAD")  # after a commit, everything comes back
+
+    assert git(project, "status", "--porcelain").stdout == ""
+    assert "up to date" in dvc(project, "status").stdout
+    assert (project / "out/ckpt.pt").read_bytes() == checkpoint

@@ -7,9 +7,10 @@ from torch import nn
 from conftest import tiny_config
 from nanogpt import quantize
 from nanogpt.engine import generate
+from nanogpt.errors import UserError
 from nanogpt.generate import SamplingParams, context_length, generate_reference, logits_to_probs
 from nanogpt.model import GPT
-from nanogpt.quantize import Int8Linear, Int8MLP, quantize_int8
+from nanogpt.quantize import Int8Linear, Int8MLP, quantize_int8, uses_int8
 
 VOCAB = 17
 
@@ -117,3 +118,19 @@ def test_quantized_cached_greedy_tokens_are_the_full_context_argmax_up_to_roundi
             chosen = logits.gather(1, seq[:, n, None])[:, 0]
             # the two kernels' roundings differ by about 0.01 in the logits; a wrong token is ~1 or more below
             assert (logits.max(dim=-1).values - chosen).max() < 0.05, n
+
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)  # a device object, not the card: no GPU needed
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "expected"),
+    [("auto", CPU, True), ("auto", CUDA, False), ("int8", CPU, True), (None, CPU, False), (None, CUDA, False)],
+)
+def test_auto_is_int8_on_a_cpu_and_off_on_a_gpu(setting, device, expected):
+    assert uses_int8(setting, device) is expected
+
+
+def test_int8_forced_on_a_gpu_is_an_error_that_names_the_setting_and_the_device():
+    with pytest.raises(UserError, match=r"sample.quantize int8 is for sampling on the CPU, and this run is on cuda:0"):
+        uses_int8("int8", CUDA)

@@ -321,7 +321,8 @@ def test_original_readme_sample_command_works_as_typed(trained: Path) -> None:
 
 def test_none_turns_off_what_params_yaml_turns_on(trained: Path) -> None:
     sample = "python stages/sample.py --num_tokens 60 --device cpu"  # int8 is for the CPU
-    off = shell(trained, sample)  # TINY_PARAMS: top_k, top_p and quantize off
+    set_params(trained / "params.yaml", {"sample.top_k": None, "sample.top_p": None, "sample.quantize": None})
+    off = shell(trained, sample)
     set_params(trained / "params.yaml", {"sample.top_k": 1, "sample.top_p": 0.5, "sample.quantize": "int8"})
     on = shell(trained, sample)
     turned_off = shell(trained, f"{sample} --top_k none --top_p null --quantize none")
@@ -430,12 +431,25 @@ def test_sampling_into_a_pipe_closed_early_ends_quietly(trained: Path) -> None:
     assert stderr == ""
 
 
-def test_int8_sampling_on_the_cpu(trained: Path) -> None:
-    proc = run_stage(
-        trained, "sample", *SAMPLE, "--quantize", "int8", "--num_tokens", "40", "--device", "cpu", check=False
-    )
+@pytest.mark.parametrize(
+    ("flag", "weights"),
+    [
+        ([], "int8"),
+        (["--quantize", "auto"], "int8"),
+        (["--quantize", "int8"], "int8"),
+        (["--quantize", "none"], "float32"),
+    ],
+    ids=["params_auto", "auto", "int8", "none"],
+)
+def test_quantize_auto_samples_with_int8_weights_on_the_cpu_and_the_metrics_say_so(
+    trained: Path, flag: list[str], weights: str
+) -> None:
+    set_params(trained / "params.yaml", {"sample.quantize": "auto"})  # the default; the flags override it
+    proc = run_stage(trained, "sample", *SAMPLE, *flag, "--num_tokens", "40", "--device", "cpu", check=False)
+
     assert proc.returncode == 0, proc.stderr
     assert len((trained / "out" / "samples.txt").read_text()) == len("\n") + 40 + len("\n")
+    assert json.loads((trained / "metrics" / "sample.json").read_text())["weights"] == weights
 
 
 def test_prompt_and_generation_longer_than_block_size(trained: Path) -> None:

@@ -1,5 +1,6 @@
-"""The training loop: TensorBoard event files next to the DVC metrics, the logged rate, bf16 and compiled steps
-against fp32 and eager, and on a GPU the reduce-overhead step (captured or compiled) against the eager one."""
+"""The training loop: TensorBoard event files next to the DVC metrics, its progress lines off a terminal, the
+logged rate, bf16 and compiled steps against fp32 and eager, and on a GPU the reduce-overhead step (captured or
+compiled) against the eager one."""
 
 import contextlib
 import csv
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from nanogpt import data
+from nanogpt import data, progress
 from nanogpt.checkpoint import load_checkpoint
 from nanogpt.data import save_tokens
 from nanogpt.optim import lr_factor
@@ -199,3 +200,21 @@ def test_reduce_overhead_training_gives_eager_losses(tmp_path, monkeypatch, dtyp
     assert modes == compiled_as
     assert losses == pytest.approx(eager_losses, abs=tolerance)
     assert val == pytest.approx(eager_val, abs=tolerance)
+
+
+def test_training_off_a_terminal_prints_step_lines_with_the_cpu_loss(tmp_path, capsys, monkeypatch):
+    """The loop's wiring: with the interval at 0 every step prints its line, whose loss is the one the series logs."""
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)
+    encoded_data(tmp_path / "data")
+    cfg = tiny_config(TINY)
+
+    train(cfg, paths_under(tmp_path), show_progress=True)
+
+    out = capsys.readouterr().out.splitlines()
+    step_lines = [line for line in out if "/6 (" in line]
+    assert [line.split(":")[0] for line in step_lines] == [f"step {n}/6 ({100 * n // 6}%)" for n in range(1, 7)]
+    train_losses = (tmp_path / "metrics/train_loss.tsv").read_text().splitlines()[1:]
+    for line, row in zip(step_lines, train_losses, strict=True):
+        loss = float(line.split("loss ")[1].split()[0])
+        assert loss == pytest.approx(float(row.split()[1]), abs=1e-4)  # 4 decimals on the line, 6 digits in the TSV
+        assert "tok/s  ETA 0:00:" in line
