@@ -64,18 +64,20 @@ class CausalSelfAttention(nn.Module):
         qkv = self.c_attn(x)  # (B, T, 3C)
         heads = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
         q, k, v = heads  # each (B, nh, T, hs)
-        if self.rotary is not None or self.qk_norm:
+        transformed = self.rotary is not None or self.qk_norm
+        if transformed:
             q, k = self.prepare(q, k, input_pos)
-            heads = torch.stack((q, k, v))
-            qkv = heads.permute(1, 3, 0, 2, 4).reshape(B, T, 3 * C)  # for the decode kernel, which reads qkv
         if self.kv_cache is None:  # each position attends to itself and the positions before it
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, nh, T, hs)
         elif mask is not None:  # generating: the new keys and values join the cache, the mask says who sees what
-            self.kv_cache.index_copy_(3, input_pos, heads[1:].to(self.kv_cache.dtype))
+            new_kv = torch.stack((k, v)) if transformed else heads[1:]  # (2, B, nh, T, hs)
+            self.kv_cache.index_copy_(3, input_pos, new_kv.to(self.kv_cache.dtype))
             k, v = self.kv_cache[0], self.kv_cache[1]  # each (B, nh, block_size, hs)
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask.to(q.dtype))
         else:  # a decode step: the cache write and the attention in one call
+            if transformed:  # the kernel reads queries, keys and values side by side, as c_attn writes them
+                qkv = torch.stack((q, k, v)).permute(1, 3, 0, 2, 4).reshape(B, T, 3 * C)
             return self.resid_dropout(self.c_proj(decode_attention(qkv, self.kv_cache, input_pos)))
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.resid_dropout(self.c_proj(y))
