@@ -3,10 +3,11 @@
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from nanogpt.errors import UserError
 
@@ -16,23 +17,95 @@ def atomic_open(path: Path | str, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary file beside `path`; on success fsync it and rename it over `path`.
 
     On any exception (or a kill) the temporary file is removed or left under a `.tmp` name, and
-    `path` keeps its previous content. The file gets the mode a plain `open` would give it (0644 under the
-    usual umask 022), not the 0600 of a temporary file.
+    `path` keeps its previous content. A write that fails (a full disk, a parent that is a file) is a UserError
+    `cannot write PATH: REASON`; any other exception raised inside the block passes through as it is. The file
+    gets the mode a plain `open` would give it (0644 under the usual umask 022), not the 0600 of a temporary file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with _write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    raw = os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with _write_errors(path):
+            os.fchmod(fd, 0o666 & ~_umask())
+        f = _RecordingFile(raw)
+        with _write_errors(path, f):
+            yield cast(IO[Any], f)  # a proxy with the file's methods
+        with _write_errors(path):
+            raw.flush()
+            os.fsync(raw.fileno())
+            raw.close()
+            os.replace(tmp, path)
     except BaseException:
+        with contextlib.suppress(OSError):
+            raw.close()  # after a failed write the buffered bytes cannot be flushed either
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+class _RecordingFile:
+    """A file whose failed writes are remembered, so that atomic_open tells them from the block's own errors
+    (torch.save raises its own RuntimeError after a write of ours failed)."""
+
+    def __init__(self, file: IO[Any]) -> None:
+        self.file = file
+        self.failure: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.failure = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
+@contextlib.contextmanager
+def _write_errors(path: Path, file: _RecordingFile | None = None) -> Iterator[None]:
+    """An OSError of the file system inside the block (or one that `file`'s writes raised, wherever it surfaces)
+    becomes the UserError `cannot write PATH: REASON`."""
+    try:
+        yield
+    except Exception as exc:
+        failure = exc if file is None else _caused_by(exc, file.failure)
+        if not isinstance(failure, OSError):
+            raise
+        raise UserError(f"cannot write {path}: {failure.strerror or failure}") from None
+
+
+def _caused_by(exc: BaseException, failure: OSError | None) -> OSError | None:
+    """`failure` when `exc` is it or was raised while handling it (as torch.save's RuntimeError is), else None."""
+    seen: BaseException | None = exc
+    while seen is not None and failure is not None:
+        if seen is failure:
+            return failure
+        seen = seen.__context__
+    return None
+
+
+def copy_file(source: Path | str, path: Path | str, link: bool = False) -> None:
+    """Put a copy of `source` at `path` atomically; `link`: a hard link where the file system allows one (no
+    copy of the bytes), else a copy. A failure is the UserError `cannot write PATH: REASON`."""
+    source, path = Path(source), Path(path)
+    with _write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            if link:
+                try:
+                    os.link(source, tmp)
+                except OSError:
+                    shutil.copyfile(source, tmp)
+            else:
+                shutil.copyfile(source, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # rename() is a no-op when both names link the same file
 
 
 def check_writable(path: Path | str, what: str) -> None:

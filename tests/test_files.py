@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import stat
+import subprocess
 
 import pytest
 import torch
@@ -180,3 +181,76 @@ def test_a_corrupt_file_never_suggests_unsafe_loading(tmp_path):
         files.torch_load(path, "checkpoint")
 
     assert "weights_only" not in str(info.value) and "corrupt" in str(info.value)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs holding `old.bin` (a previous output), skipped where this process may not mount one."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True, text=True, check=False
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        (folder / "old.bin").write_bytes(b"previous")
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def assert_cannot_write(path, write) -> None:
+    """`write()` fails with the one-line `cannot write PATH: No space left on device`, no traceback chained."""
+    with pytest.raises(UserError) as info:
+        write()
+    assert str(info.value) == f"cannot write {path}: No space left on device"
+    assert info.value.__suppress_context__ and info.value.__cause__ is None
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda path: files.torch_save({"w": torch.zeros(100_000)}, path),  # 400 KB of tensor data
+        lambda path: files.write_text(path, "x" * 200_000),
+        lambda path: files.write_json(path, ["x" * 200_000]),
+    ],
+    ids=["torch_save", "write_text", "write_json"],
+)
+def test_a_full_disk_is_one_line_and_the_old_file_stays(full_disk, write):
+    path = full_disk / "old.bin"
+
+    assert_cannot_write(path, lambda: write(path))
+
+    assert path.read_bytes() == b"previous"
+    assert os.listdir(full_disk) == ["old.bin"]  # no temporary file left behind
+
+
+def test_a_full_disk_while_copying_is_one_line(full_disk, tmp_path):
+    source = tmp_path / "big.bin"
+    source.write_bytes(b"x" * 200_000)
+    path = full_disk / "old.bin"
+
+    assert_cannot_write(path, lambda: files.copy_file(source, path))  # another file system: no hard link
+
+    assert path.read_bytes() == b"previous" and os.listdir(full_disk) == ["old.bin"]
+
+
+def test_a_parent_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "out").write_text("not a folder")
+    path = tmp_path / "out" / "ckpt.pt"
+
+    with pytest.raises(UserError) as info:
+        files.torch_save({"w": torch.zeros(3)}, path)
+
+    assert str(info.value) in (f"cannot write {path}: Not a directory", f"cannot write {path}: File exists")
+    assert (tmp_path / "out").read_text() == "not a folder"
+
+
+def test_an_error_of_the_block_itself_is_not_called_a_write_failure(tmp_path):
+    """A download's connection error is an OSError too: only the file's own writes are reported as `cannot write`."""
+    with pytest.raises(ConnectionError), files.atomic_open(tmp_path / "out.bin") as f:
+        f.write(b"partial")
+        raise ConnectionError("connection reset")
+
+    assert os.listdir(tmp_path) == []
