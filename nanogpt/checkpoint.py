@@ -3,22 +3,25 @@
 Both are plain dicts of tensors, numbers and strings: written atomically, read with weights_only=True.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import ValidationError
 
 from nanogpt import files
-from nanogpt.config import ModelConfig, problems
+from nanogpt.config import Config, ModelConfig, problems
 from nanogpt.errors import UserError
 from nanogpt.model import GPT, NANOGPT_ARCHITECTURE
 from nanogpt.tokenizer import Tokenizer, tokenizer_from_dict
+
+if TYPE_CHECKING:  # the sample stage, which reads checkpoints, runs no optimizer code
+    from nanogpt.optim import WeightAverage
 
 CHECKPOINT_FORMAT = 1
 # what save_checkpoint writes besides the format, and the type of each
@@ -85,6 +88,18 @@ def _malformed(ckpt: dict[str, Any], key: str, kind: type) -> str | None:
     return None if isinstance(ckpt[key], kind) else f"is not a {kind.__name__}"
 
 
+def run_key(cfg: Config, device: torch.device, dtype: torch.dtype, world_size: int, data_files: list[Path]) -> str:
+    """The resume key of a training run: its params, device, precision, number of processes and data."""
+    settings = {
+        "model": dataclasses.asdict(cfg.model),
+        "train": dataclasses.asdict(cfg.train),
+        "device": device.type,
+        "dtype": str(dtype),
+        "world_size": world_size,
+    }
+    return resume_key(settings, data_files)
+
+
 def resume_key(settings: dict[str, Any], data_files: list[Path]) -> str:
     """A fingerprint of everything that shapes the training trajectory: params, data, code version."""
     h = hashlib.sha256(json.dumps({"format": RESUME_FORMAT, **settings}, sort_keys=True, default=str).encode())
@@ -104,7 +119,7 @@ class ResumeState:
     step: int  # optimizer steps done
     best_val: float
     best_step: int
-    metrics: dict[str, Any]  # MetricsLog.to_state()
+    metrics: dict[str, Any]  # MetricsRecorder.state()
     elapsed: float  # seconds of training so far, so that the series' times continue
     model: dict[str, Any]
     optimizers: list[dict[str, Any]]
@@ -123,42 +138,99 @@ class ResumeState:
         return cls(**state)
 
 
-class ResumeStore:
-    """Resume state kept in a folder that is not a DVC output, so `dvc repro` does not delete it.
+@dataclasses.dataclass
+class ModelAndOptimizers:
+    """The model and what updates it: optimizers, grad scaler (fp16 only), the training windows' generator and
+    the weights' moving average (train.ema); `state` and `load` are their part of the ResumeState."""
 
-    `state.pt` holds model, optimizers, RNGs, step and metric series; `best.pt` is a hard link to (or copy
-    of) the best checkpoint, which DVC deletes with the stage's outputs before a re-run.
+    model: GPT
+    optimizers: list[torch.optim.Optimizer]
+    scaler: torch.amp.GradScaler
+    batch_rng: torch.Generator
+    average: "WeightAverage | None"
+
+    def state(self) -> dict[str, Any]:
+        """The ResumeState fields this holds (dropout's RNG included)."""
+        device = self.batch_rng.device
+        return {
+            "model": self.model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "scaler": self.scaler.state_dict(),
+            "batch_rng": self.batch_rng.get_state(),
+            "cpu_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "average": self.average.average if self.average is not None else None,
+        }
+
+    def load(self, state: ResumeState, restore_dropout_rng: bool) -> None:
+        """Continue from `state`; dropout's RNG too where `restore_dropout_rng` (the state holds rank 0's)."""
+        self.model.load_state_dict(state.model)
+        for opt, opt_state in zip(self.optimizers, state.optimizers, strict=True):
+            opt.load_state_dict(opt_state)
+        self.scaler.load_state_dict(state.scaler)
+        if self.average is not None and state.average is not None:
+            self.average.load(state.average)
+        self.batch_rng.set_state(state.batch_rng)
+        if restore_dropout_rng:
+            torch.set_rng_state(state.cpu_rng)
+            if state.cuda_rng is not None:
+                torch.cuda.set_rng_state(state.cuda_rng, self.batch_rng.device)
+
+
+class ResumeStore:
+    """The resume state of one run, in `root`/<the first 16 digits of its resume key>/: `root` is not a DVC output,
+    so `dvc repro` does not delete it.
+
+    `state.pt` holds model, optimizers, RNGs, step and metric series; `best.pt` is a hard link to (or copy of) the
+    best checkpoint, which DVC deletes with the stage's outputs before a re-run. An interrupted run's state waits
+    in its own folder while runs with other params come and go, until its run comes back and finishes; the newest
+    KEEP states are kept, so that a workspace where many runs were stopped does not fill the disk.
     """
 
-    def __init__(self, folder: Path | str) -> None:
-        self.folder = Path(folder)
+    KEEP = 3  # each is about three times the model's size (weights, optimizer moments, best checkpoint)
+
+    def __init__(self, root: Path | str, key: str, interval: int = 0, max_iters: int = 0) -> None:
+        self.root, self.key = Path(root), key
+        self.folder = self.root / key[:16]
         self.state_path = self.folder / "state.pt"
         self.best_path = self.folder / "best.pt"
+        self.interval, self.max_iters = interval, max_iters
+
+    def due(self, step: int) -> bool:
+        """Whether to save after `step`: every `interval` steps (0: only when interrupted), but not after the last
+        (`max_iters`), where the run finishes instead."""
+        return bool(self.interval) and step % self.interval == 0 and step < self.max_iters
 
     def save(self, state: ResumeState, checkpoint: Path | None) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        """Save `state` with a link to the best `checkpoint` so far (None: none yet); drop the oldest others."""
         if checkpoint is not None and checkpoint.exists():
-            tmp = self.best_path.with_suffix(".tmp")
-            tmp.unlink(missing_ok=True)
-            try:
-                os.link(checkpoint, tmp)
-            except OSError:
-                shutil.copyfile(checkpoint, tmp)
-            os.replace(tmp, self.best_path)
-            tmp.unlink(missing_ok=True)  # rename() is a no-op when both names link the same file
-        else:  # a best.pt left by an earlier run (other params) must not be restored with this state
+            files.copy_file(checkpoint, self.best_path, link=True)
+        else:  # a best.pt left by an earlier run must not be restored with this state
             self.best_path.unlink(missing_ok=True)
         files.torch_save(state.to_dict(), self.state_path)
+        others = self._others()
+        newest = sorted((p for p in others if (p / "state.pt").is_file()), key=_mtime, reverse=True)[: self.KEEP - 1]
+        for path in others:  # older states, and what is no run's state (files of an earlier layout)
+            if path not in newest:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
 
-    def load(self, key: str) -> tuple[ResumeState | None, str]:
-        """The saved state if it was made with `key`, else None; and a one-line reason for the user."""
+    def load(self) -> tuple[ResumeState | None, str]:
+        """The saved state of this key's run, else None; and a one-line reason for the user."""
         if not self.state_path.exists():
+            if self._others():
+                return None, (
+                    "resume state was made with other params, data or code: starting from step 0 "
+                    f"(it stays in {self.root} for them)"
+                )
             return None, "no resume state: starting from step 0"
         try:
             state = files.torch_load(self.state_path, "resume state")
         except UserError as exc:
             return None, f"{exc}: starting from step 0"
-        if not isinstance(state, dict) or state.get("key") != key:
+        if not isinstance(state, dict) or state.get("key") != self.key:
             return None, "resume state was made with other params, data or code: starting from step 0"
         try:
             resumed = ResumeState.from_dict(state)
@@ -169,10 +241,18 @@ class ResumeStore:
     def restore_checkpoint(self, checkpoint: Path) -> None:
         """Put the best checkpoint saved with the state back at `checkpoint`."""
         if self.best_path.exists():
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            tmp = checkpoint.with_name(f".{checkpoint.name}.restore")
-            shutil.copyfile(self.best_path, tmp)
-            os.replace(tmp, checkpoint)
+            files.copy_file(self.best_path, checkpoint)
 
     def clear(self) -> None:
+        """The run finished: remove its state (and `root`, once no other run's state waits there)."""
         shutil.rmtree(self.folder, ignore_errors=True)
+        with contextlib.suppress(OSError):  # not empty, or not there
+            self.root.rmdir()
+
+    def _others(self) -> list[Path]:
+        """What `root` holds besides this run's folder."""
+        return [p for p in self.root.iterdir() if p != self.folder] if self.root.is_dir() else []
+
+
+def _mtime(folder: Path) -> float:
+    return (folder / "state.pt").stat().st_mtime

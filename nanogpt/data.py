@@ -1,4 +1,5 @@
-"""Token tensors, random training batches (drawn on the device, no host sync) and the exact validation pass."""
+"""Token tensors, the training data (random batches drawn on the device, no host sync) and the exact validation
+pass."""
 
 import contextlib
 import math
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from nanogpt import files
 from nanogpt.errors import UserError
-from nanogpt.tokenizer import Tokenizer, fingerprint
+from nanogpt.tokenizer import Tokenizer, fingerprint, load_tokenizer
 
 IGNORE = -100  # F.cross_entropy's default ignore_index
 
@@ -86,6 +87,62 @@ def eval_windows(tokens: Tensor, block_size: int) -> EvalSet:
     if tail:
         y[-1, : block_size - tail] = IGNORE
     return EvalSet(x, y)
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """The encoded splits: training tokens on the device, the validation windows, and the tokenizer."""
+
+    tokenizer: Tokenizer
+    train_tokens: Tensor
+    evalset: EvalSet
+    tokens_per_char: float  # for bits per character: validation tokens over the characters they spell
+
+    @staticmethod
+    def files(folder: Path) -> list[Path]:
+        """The files `load` reads: the encode stage's outputs."""
+        return [folder / name for name in ("train.pt", "val.pt", "vocab.json")]
+
+    @classmethod
+    def load(cls, folder: Path, block_size: int, device: torch.device) -> "TrainData":
+        """The splits in `folder`, checked against the vocabulary and `block_size` (a UserError naming the fix)."""
+        train_path, val_path, vocab = cls.files(folder)
+        tokenizer = load_tokenizer(vocab)
+        train_tokens = load_tokens(train_path, tokenizer, vocab)
+        val_tokens = load_tokens(val_path, tokenizer, vocab)
+        _check_tokens(train_tokens, val_tokens, tokenizer.vocab_size, block_size, folder)
+        evalset = eval_windows(val_tokens, block_size)
+        first = tokenizer.decode(val_tokens[:1].tolist())
+        predicted_chars = len(tokenizer.decode(val_tokens.tolist())) - len(first)
+        return cls(tokenizer, train_tokens.to(device), evalset, evalset.num_targets / predicted_chars)
+
+    def batches(
+        self, rng: torch.Generator, batch_size: int, micro_steps: int, rank: int = 0, world_size: int = 1
+    ) -> list[tuple[Tensor, Tensor]]:
+        """This rank's micro-batches of one optimizer step's random training windows.
+
+        Every rank draws the whole step's windows from the same generator and takes its own slice, so N ranks
+        x k micro-steps x batch b see exactly the windows of one process with batch N*k*b.
+        """
+        block_size = self.evalset.x.size(1)
+        count = batch_size * micro_steps * world_size
+        starts = sample_starts(len(self.train_tokens), count, block_size, rng)
+        firsts = [(micro * world_size + rank) * batch_size for micro in range(micro_steps)]
+        return [windows(self.train_tokens, starts[first : first + batch_size], block_size) for first in firsts]
+
+
+def _check_tokens(train_tokens: Tensor, val_tokens: Tensor, vocab_size: int, block_size: int, data_dir: Path) -> None:
+    for name, tokens in (("train", train_tokens), ("val", val_tokens)):
+        if len(tokens) and int(tokens.max()) >= vocab_size:
+            raise UserError(
+                f"{data_dir}/{name}.pt has token ids beyond the {vocab_size}-token vocabulary in "
+                f"{data_dir}/vocab.json: rerun `dvc repro encode`"
+            )
+    if len(train_tokens) <= block_size:
+        raise UserError(
+            f"model.block_size ({block_size}) needs more than {block_size} training tokens, the train "
+            f"split has {len(train_tokens)}: lower model.block_size or use a longer text"
+        )
 
 
 @torch.no_grad()

@@ -59,7 +59,11 @@ def byte_progress(description: str, total: int | None) -> Iterator[Callable[[int
 
 class TrainProgress:
     """Step bar with loss, val loss, tokens/s and ETA; on a non-terminal, one line per report and, between reports,
-    a line every LINE_EVERY_S seconds: step, loss (where known), tokens/s and ETA since the last line."""
+    a line every LINE_EVERY_S seconds: step, loss (where known), tokens/s and ETA since the last line.
+
+    While the first steps of a launch compile (torch.compile, a CUDA graph's capture), the bar and the lines say
+    so instead of a speed, and the speed and ETA after them leave them out.
+    """
 
     def __init__(
         self,
@@ -83,7 +87,14 @@ class TrainProgress:
             )
             self.task = self.bar.add_task("train", total=total_steps, completed=start_step, info="")
             self.bar.start()
-        self.start(start_step)
+        self.launch(start_step)
+
+    def launch(self, step: int, compile_steps: int = 0) -> None:
+        """This launch trains from `step`, and its first `compile_steps` steps compile."""
+        self.compiled_at, self.launched = step + compile_steps, self.clock()
+        self.start(step)
+        if self.bar is not None and compile_steps:
+            self.bar.update(self.task, info="compiling")
 
     def start(self, step: int) -> None:
         """Training (re)starts at `step`, or an evaluation ended there: the next plain line measures from now."""
@@ -95,12 +106,20 @@ class TrainProgress:
         """`step` is done; `loss()`, when given, reads its training loss (called only when a line is printed)."""
         if self.bar is not None:
             self.bar.update(self.task, completed=step)
+            if step == self.compiled_at:
+                self.bar.update(self.task, info="")
             return
         if not self.enabled:
             return
         now = self.clock()
         if now - self.mark[1] >= LINE_EVERY_S:
-            log(plain_line(step, self.total, loss() if loss else None, self.tokens_per_step, self.mark, now))
+            value = loss() if loss else None
+            if step <= self.compiled_at:
+                log(compiling_line(step, self.total, value, now - self.launched))
+            else:
+                log(plain_line(step, self.total, value, self.tokens_per_step, self.mark, now))
+            self.mark = (step, now)
+        if step == self.compiled_at:  # the speed and ETA measure from the first step that did not compile
             self.mark = (step, now)
 
     def report(self, step: int, info: str) -> None:
@@ -123,6 +142,12 @@ class TrainProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def compiling_line(step: int, total: int, loss: float | None, seconds: float) -> str:
+    """`step 1/1500 (0%): loss 4.1744  compiling, 42 s so far`: `seconds` since the launch's first step began."""
+    loss_part = f"loss {loss:.4f}  " if loss is not None else ""
+    return f"step {step}/{total} ({100 * step // total}%): {loss_part}compiling, {seconds:.0f} s so far"
 
 
 def plain_line(

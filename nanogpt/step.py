@@ -27,6 +27,7 @@ def build_train_step(
     optimizers: list[torch.optim.Optimizer],
     scaler: torch.amp.GradScaler,
     cfg: TrainConfig,
+    *,
     compiled: bool,
     captured: bool,
     dtype: torch.dtype,

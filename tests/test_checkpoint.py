@@ -97,51 +97,50 @@ def resume_state(key: str, step: int) -> ResumeState:
 
 def test_resume_state_round_trip(tmp_path, checkpoint):
     best, _ = checkpoint
-    store = ResumeStore(tmp_path / "resume")
+    store = ResumeStore(tmp_path / "resume", "k1")
     state = resume_state("k1", 7)
 
     store.save(state, best)
-    loaded, reason = store.load("k1")
+    loaded, reason = store.load()
 
     assert loaded.step == 7 and torch.equal(loaded.model["weights"], state.model["weights"])
     assert "resuming from step 7" in reason
 
 
 def test_resume_state_missing_a_key_starts_from_step_0(tmp_path):
-    store = ResumeStore(tmp_path / "resume")
+    store = ResumeStore(tmp_path / "resume", "k1")
     state = resume_state("k1", 7).to_dict()
     del state["batch_rng"]
     store.state_path.parent.mkdir(parents=True)
     torch.save(state, store.state_path)
 
-    loaded, reason = store.load("k1")
+    loaded, reason = store.load()
 
     assert loaded is None
     assert "incomplete" in reason and "step 0" in reason
 
 
 def test_resume_state_with_another_key_is_not_used(tmp_path):
-    store = ResumeStore(tmp_path / "resume")
-    store.save(resume_state("k1", 7), None)
+    ResumeStore(tmp_path / "resume", "k1").save(resume_state("k1", 7), None)
 
-    loaded, reason = store.load("k2")
+    loaded, reason = ResumeStore(tmp_path / "resume", "k2").load()
 
     assert loaded is None
     assert "other params" in reason
 
 
 def test_no_resume_state_starts_from_step_0(tmp_path):
-    loaded, reason = ResumeStore(tmp_path / "resume").load("k1")
+    loaded, reason = ResumeStore(tmp_path / "resume", "k1").load()
 
     assert loaded is None and "step 0" in reason
 
 
 def test_corrupt_resume_state_starts_from_step_0(tmp_path):
-    store = ResumeStore(tmp_path / "resume")
+    store = ResumeStore(tmp_path / "resume", "k1")
     store.save(resume_state("k1", 7), None)
     store.state_path.write_bytes(b"garbage")
 
-    loaded, reason = store.load("k1")
+    loaded, reason = store.load()
 
     assert loaded is None
     assert str(store.state_path) in reason and "step 0" in reason
@@ -150,7 +149,7 @@ def test_corrupt_resume_state_starts_from_step_0(tmp_path):
 def test_restore_checkpoint_puts_the_best_back(tmp_path, checkpoint):
     best, _ = checkpoint
     content = best.read_bytes()
-    store = ResumeStore(tmp_path / "resume")
+    store = ResumeStore(tmp_path / "resume", "k1")
     store.save(resume_state("k1", 7), best)
     os.remove(best)  # as `dvc repro` does with a stage's outputs
 
@@ -161,11 +160,53 @@ def test_restore_checkpoint_puts_the_best_back(tmp_path, checkpoint):
 
 def test_clear_removes_the_folder(tmp_path, checkpoint):
     best, _ = checkpoint
-    store = ResumeStore(tmp_path / "resume")
+    store = ResumeStore(tmp_path / "resume", "k1")
     store.save(resume_state("k1", 7), best)
 
     store.clear()
 
-    assert not store.folder.exists()
+    assert not store.folder.exists() and not (tmp_path / "resume").exists()
     assert best.exists()  # the checkpoint itself is not the store's to delete
-    assert store.load("k1")[0] is None
+    assert store.load()[0] is None
+
+
+def test_a_finished_run_leaves_the_state_of_an_interrupted_one(tmp_path, checkpoint):
+    """Run A is interrupted, run B (other params) runs to the end: A's state and best checkpoint still wait for it."""
+    best, _ = checkpoint
+    content = best.read_bytes()
+    interrupted = ResumeStore(tmp_path / "resume", "a")
+    interrupted.save(resume_state("a", 7), best)
+    finished = ResumeStore(tmp_path / "resume", "b")
+    finished.save(resume_state("b", 3), None)
+    os.remove(best)  # B's checkpoint replaces it (dvc deletes the output, a save renames a new file into place)
+    best.write_bytes(b"run b's checkpoint")
+
+    finished.clear()
+    loaded, reason = interrupted.load()
+
+    assert loaded is not None and loaded.step == 7 and "resuming from step 7" in reason
+    interrupted.restore_checkpoint(best)
+    assert best.read_bytes() == content  # A's best, not B's
+
+
+def test_only_the_newest_states_are_kept(tmp_path):
+    root = tmp_path / "resume"
+    for i, key in enumerate(["k1", "k2", "k3", "k4"]):
+        ResumeStore(root, key).save(resume_state(key, i + 1), None)
+        os.utime(ResumeStore(root, key).state_path, (1000 + i, 1000 + i))  # saved in this order
+
+    kept = {key for key in ("k1", "k2", "k3", "k4") if ResumeStore(root, key).load()[0] is not None}
+
+    assert kept == {"k2", "k3", "k4"} and ResumeStore.KEEP == 3
+    assert len(list(root.iterdir())) == 3
+
+
+def test_saving_removes_the_files_of_the_earlier_flat_layout(tmp_path):
+    root = tmp_path / "resume"
+    root.mkdir()
+    (root / "state.pt").write_bytes(b"old")
+    (root / "best.pt").write_bytes(b"old")
+
+    ResumeStore(root, "k1").save(resume_state("k1", 1), None)
+
+    assert [p.name for p in root.iterdir()] == [ResumeStore(root, "k1").folder.name]

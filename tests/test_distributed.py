@@ -269,7 +269,7 @@ def test_interrupted_torchrun_resumes_where_it_stopped_and_finishes(
     stopped = [int(s) for s in INTERRUPTED.findall(out)]
     assert len(stopped) == 1 and 20 <= stopped[0] < PARAMS["train.max_iters"], out  # rank 0 alone reports
     assert not worker_crashed(out), out  # the other rank stopped at the same step, not inside a collective
-    assert (project / "out" / "resume" / "state.pt").exists()
+    assert list((project / "out" / "resume").glob("*/state.pt"))  # out/resume/<the run's resume key>/
 
     with launched((project, single_host(2))) as procs:
         [(code, out)] = finish(procs)
@@ -302,7 +302,7 @@ def test_two_hosts_resume_from_the_state_rank_0_wrote_once_every_host_sees_it(
     assert not worker_crashed(head_out + other_out), head_out + other_out
     assert other_code != 0  # its worker left with the interruption's exit code
     assert files(other) == other_before  # global rank 0's host holds all the state
-    state = head / "out" / "resume" / "state.pt"
+    [state] = (head / "out" / "resume").glob("*/state.pt")
     saved = digest(state)
 
     # host 1 cannot see the resume state: both ranks refuse rather than train from different steps

@@ -42,9 +42,16 @@ EVAL_INTERVAL = TINY_PARAMS["train.eval_interval"]
 STEP_LINE = re.compile(r"^step (\d+):")
 RESUMING = re.compile(r"^resuming from step (\d+) ", re.MULTILINE)
 TIMING_KEYS = ("tokens_per_sec", "wall_time_s")
+KEY_FOLDER = re.compile(r"out/resume/[0-9a-f]{16}/")  # a run's resume state: out/resume/<its resume key>/
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def resume_states(project: Path) -> list[Path]:
+    """The state.pt files under out/resume/, one per interrupted run."""
+    return sorted((project / "out" / "resume").glob("*/state.pt"))
+
 
 # Run in a child: the train stage, sending itself `sig` during the forward pass of optimizer step `at_step`
 # (1-based). A signal from inside lands at an exact step, where one sent after reading the log lands
@@ -234,10 +241,11 @@ def test_kill_and_resume_matches_uninterrupted_run(
             f"interrupted by {sig.name} at step {at_step}; resume state saved: run the same command again to continue"
         ]
         saved_at = at_step
-    assert (fresh_project / "out" / "resume" / "state.pt").is_file()
+    assert len(resume_states(fresh_project)) == 1
 
     resumed = run_stage(fresh_project, "train")
-    assert f"\nresuming from step {saved_at} (out/resume/state.pt)\n" in f"\n{resumed.stdout}", resumed.stdout
+    resuming = re.compile(rf"^resuming from step {saved_at} \({KEY_FOLDER.pattern}state\.pt\)$", re.MULTILINE)
+    assert resuming.search(resumed.stdout), resumed.stdout
     assert_same_result(read_result(fresh_project), reference)
     assert not (fresh_project / "out" / "resume").exists()
 
@@ -293,13 +301,43 @@ def test_dvc_repro_resumes_after_signal(
     stopped = stop_after_log_step(project, sig, after_step=20, cmd=[sys.executable, "-m", "dvc", "repro"])
     assert stopped.returncode != 0
     assert f"interrupted by {sig.name}" in stopped.stderr, stopped.stdout + stopped.stderr
-    assert (project / "out" / "resume" / "state.pt").is_file()
+    assert len(resume_states(project)) == 1
 
     rerun = dvc(project, "repro", check=False)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     start = RESUMING.search(rerun.stdout)
     assert start and int(start[1]) >= 20, rerun.stdout
     assert_same_result(read_result(project), reference)
+    assert not (project / "out" / "resume").exists()
+
+
+@pytest.mark.slow
+def test_an_interrupted_experiment_resumes_after_another_ran_to_the_end(encoded_project: Path, tmp_path: Path) -> None:
+    """`dvc exp run -S train.seed=11` stopped by SIGTERM, another experiment run to the end, then seed 11 again: it
+    resumes where it stopped and ends as an uninterrupted seed-11 run does."""
+    uninterrupted = copy_project(encoded_project, tmp_path / "uninterrupted")
+    set_params(uninterrupted / "params.yaml", {"train.seed": 11})
+    run_stage(uninterrupted, "train")
+    project = copy_project(encoded_project, tmp_path / "project")
+    corpus = tmp_path / "corpus.txt"
+    shutil.move(project / "data" / "input.txt", corpus)
+    for name in ("train.pt", "val.pt", "vocab.json"):
+        (project / "data" / name).unlink()
+    sha256 = hashlib.sha256(corpus.read_bytes()).hexdigest()
+    set_params(project / "params.yaml", {"data.url": corpus.as_uri(), "data.retries": 0, "data.sha256": sha256})
+    commit(project, "tiny project")
+    seed_11 = [sys.executable, "-m", "dvc", "exp", "run", "-S", "train.seed=11"]
+
+    stopped = stop_after_log_step(project, signal.SIGTERM, after_step=20, cmd=seed_11)
+    assert "interrupted by SIGTERM" in stopped.stderr, stopped.stdout + stopped.stderr
+    other = dvc(project, "exp", "run", "-S", "train.seed=12")
+    assert "resume state was made with other params" in other.stdout, other.stdout
+    assert len(resume_states(project)) == 1  # seed 11's, still waiting
+    rerun = dvc(project, *seed_11[3:])
+
+    start = RESUMING.search(rerun.stdout)
+    assert start and int(start[1]) >= 20, rerun.stdout
+    assert_same_result(read_result(project), read_result(uninterrupted))
     assert not (project / "out" / "resume").exists()
 
 
@@ -325,13 +363,13 @@ def _bump_resume_format(project: Path) -> None:
 
 
 def _truncate_state(project: Path) -> None:
-    state = project / "out" / "resume" / "state.pt"
+    [state] = resume_states(project)
     state.write_bytes(state.read_bytes()[:1000])
 
 
 STALE = {
     "other code version": (_bump_resume_format, "resume state was made with other params, data or code"),
-    "truncated state": (_truncate_state, "resume state out/resume/state.pt is corrupt"),
+    "truncated state": (_truncate_state, f"resume state {KEY_FOLDER.pattern}state.pt is corrupt"),
 }
 
 
@@ -345,7 +383,7 @@ def test_unusable_resume_state_is_not_mixed_in(
     apply(project)
     rerun = run_stage(project, "train")
     lines = [line for line in rerun.stdout.splitlines() if "starting from step 0" in line]
-    assert len(lines) == 1 and why in lines[0], rerun.stdout
+    assert len(lines) == 1 and re.search(why, lines[0]), rerun.stdout
     assert not RESUMING.search(rerun.stdout)
     # started from scratch with the same params, so it ends exactly where an uninterrupted run does
     assert_same_result(read_result(project), reference)
@@ -545,14 +583,17 @@ def test_outputs_are_written_to_a_temporary_file_and_renamed(
     assert proc.returncode == 0, proc.stderr
 
     record = json.loads((project / "writes.json").read_text())
-    written = {os.path.relpath(p, project) if os.path.isabs(p) else os.path.normpath(p) for p in record["writes"]}
+
+    def relative(path: str) -> str:  # out/resume/<key>/x as out/resume/x: one run's key folder
+        path = os.path.relpath(path, project) if os.path.isabs(path) else os.path.normpath(path)
+        return KEY_FOLDER.sub("out/resume/", path)
+
+    written = {relative(p) for p in record["writes"]}
     written = {p for p in written if p.split(os.sep)[0] in ("data", "out", "metrics")}
     assert written, "no writes recorded"
     renamed = {}
     for renamed_from, renamed_to in record["renames"]:
-        src, dst = (
-            os.path.relpath(p, project) if os.path.isabs(p) else os.path.normpath(p) for p in (renamed_from, renamed_to)
-        )
+        src, dst = relative(renamed_from), relative(renamed_to)
         assert os.path.dirname(src) == os.path.dirname(dst), f"{src} renamed across folders to {dst}"
         renamed[dst] = src
     opened_in_place = sorted(written & set(renamed)) + sorted(p for p in written if p in ATOMIC_OUTPUTS[stage])
