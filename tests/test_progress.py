@@ -86,3 +86,36 @@ def test_nothing_is_printed_when_progress_is_off(capsys, every_10_s):
     bar.report(5, "val 1.0")
 
     assert lines(capsys) == []
+
+
+def test_the_steps_that_compile_say_so_and_are_left_out_of_the_speed_and_eta(capsys, every_10_s):
+    """A compiled run's first steps include the compilation: a line during them says so, not `1 tok/s ETA 3:53:44`,
+    and the next line's speed and ETA count only the steps after them."""
+    clock = Clock()
+    bar = TrainProgress(total_steps=100, start_step=0, tokens_per_step=1000, clock=clock)
+    bar.launch(0, compile_steps=2)
+    clock.now += 60  # step 1 compiles
+    bar.step(1, loss=lambda: 4.0)
+    clock.now += 5  # step 2 records a CUDA graph
+    bar.step(2)
+    for step in range(3, 7):
+        clock.now += 2.5
+        bar.step(step)
+
+    # steps 3 to 6 in 10 s: 400 tokens/s, 94 steps to go at 2.5 s each
+    assert lines(capsys) == [
+        "step 1/100 (1%): loss 4.0000  compiling, 60 s so far",
+        "step 6/100 (6%): 400 tok/s  ETA 0:03:55",
+    ]
+
+
+def test_a_resumed_launch_compiles_again(capsys, every_10_s):
+    clock = Clock()
+    bar = TrainProgress(total_steps=1000, start_step=0, tokens_per_step=1, clock=clock)
+    bar.launch(900, compile_steps=1)
+    clock.now += 30
+    bar.step(901)
+    clock.now += 10
+    bar.step(911)
+
+    assert lines(capsys) == ["step 901/1000 (90%): compiling, 30 s so far", "step 911/1000 (91%): 1 tok/s  ETA 0:01:29"]

@@ -5,6 +5,9 @@ compiled) against the eager one."""
 import contextlib
 import csv
 import dataclasses
+import json
+import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,9 +17,12 @@ from conftest import tiny_config
 from nanogpt import data, progress
 from nanogpt.checkpoint import load_checkpoint
 from nanogpt.data import save_tokens
+from nanogpt.distributed import DistInfo
+from nanogpt.metrics import MetricsRecorder
+from nanogpt.model import GPT
 from nanogpt.optim import lr_factor
 from nanogpt.tokenizer import CharTokenizer, save_tokenizer, split_text
-from nanogpt.train import TrainPaths, train
+from nanogpt.train import Interrupted, TrainPaths, train, train_warnings
 
 TINY = {
     "model.block_size": 16,
@@ -218,3 +224,76 @@ def test_training_off_a_terminal_prints_step_lines_with_the_cpu_loss(tmp_path, c
         loss = float(line.split("loss ")[1].split()[0])
         assert loss == pytest.approx(float(row.split()[1]), abs=1e-4)  # 4 decimals on the line, 6 digits in the TSV
         assert "tok/s  ETA 0:00:" in line
+
+
+def test_a_cpu_summary_has_no_peak_memory_key_rather_than_none(tmp_path):
+    """peak_memory_mib is the GPU memory torch allocated: off CUDA the key is left out, never written as null."""
+    encoded_data(tmp_path / "data")
+
+    summary = train(tiny_config(TINY), paths_under(tmp_path), show_progress=False)
+
+    assert "peak_memory_mib" not in summary and None not in summary.values()
+    assert json.loads((tmp_path / "metrics/train.json").read_text()).keys() == summary.keys()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "warned"), [(torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, None)]
+)
+def test_half_precision_on_the_cpu_is_warned_about(dtype, warned):
+    warnings = [w for w in train_warnings(tiny_config(TINY).train, torch.device("cpu"), dtype) if "on the CPU" in w]
+
+    assert warnings == (
+        [f"train.dtype is {warned} on the CPU: slower than fp32 on most CPUs, and less precise; use auto (fp32 here)"]
+        if warned
+        else []
+    )
+
+
+def test_a_resumed_run_says_how_long_this_launch_took_to_start(tmp_path, capsys, monkeypatch):
+    """`ready N s after launch` counts this process's start-up, not the time of the runs it resumes (which the
+    series' elapsed_s continue)."""
+    encoded_data(tmp_path / "data")
+    paths = paths_under(tmp_path)
+    cfg = tiny_config({**TINY, "train.resume_interval": 3})
+    forward, calls = GPT.forward, []
+
+    def interrupt_at_step_4(self, *args, **kwargs):
+        calls.append(self.training)
+        if calls.count(True) == 4:
+            signal.raise_signal(signal.SIGINT)  # the loop stops before step 5, saving the state at step 4
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", interrupt_at_step_4)
+    with pytest.raises(Interrupted):
+        train(cfg, paths, show_progress=False)
+    monkeypatch.undo()
+    [state_path] = paths.resume_dir.glob("*/state.pt")
+    state = torch.load(state_path, weights_only=True)
+    state["elapsed"] = 1e6  # the interrupted run had trained for 11 days
+    torch.save(state, state_path)
+    capsys.readouterr()
+
+    train(cfg, paths, show_progress=True)
+
+    out = capsys.readouterr().out
+    assert "resuming from step 4 " in out, out
+    ready = float(re.search(r"ready ([\d.]+) s after launch", out)[1])
+    assert ready < 1e5
+    with open(tmp_path / "metrics/val_loss.tsv", encoding="utf-8") as f:
+        elapsed = [float(row["elapsed_s"]) for row in csv.DictReader(f, delimiter="\t")]
+    assert elapsed[0] < 1e5 and elapsed[1] >= 1e6  # step 3 before the interruption, step 6 after it
+
+
+def test_an_evaluation_during_the_steps_that_compile_shows_no_speed(tmp_path, capsys):
+    """Its interval holds the compilation, so a rate would mislead; the first evaluation after them shows one."""
+    cfg = tiny_config(TINY).train
+    recorder = MetricsRecorder(cfg, tmp_path, tmp_path, 100, torch.device("cpu"), DistInfo(), False, True)
+    recorder.start(0, compile_steps=2)
+    for step in (1, 2, 3):
+        recorder.record_step(step, torch.tensor(2.0), torch.tensor(1.0), 1e-3)
+        recorder.flush()
+        recorder.evaluation(step, 2.5, 3.0)
+
+    out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.rsplit("  ", 1)[1] for line in out][:2] == ["compiling", "compiling"]
+    assert out[2].endswith(" tok/s")
