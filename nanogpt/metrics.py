@@ -107,7 +107,8 @@ class MetricsRecorder:
     Each step's loss, gradient norm and learning rate stay on the device until `flush` reads them back (at the
     evaluations and resume saves: no host sync per step). The speed is measured over training time only: time
     inside `paused()` (evaluations, saves) and the first steps of a launch that compile are left out. The main
-    process writes the files and shows the progress.
+    process writes the files and shows the progress. `tensorboard`: the event files' folder, with train.tensorboard;
+    `scaled`: fp16's grad scaler skips a step with an infinite gradient, which is no error then.
     """
 
     def __init__(
@@ -121,8 +122,6 @@ class MetricsRecorder:
         scaled: bool,
         show_progress: bool,
     ) -> None:
-        """`tensorboard`: the event files' folder, with train.tensorboard; `scaled`: fp16's grad scaler skips a step
-        with an infinite gradient, which is no error then."""
         self.folder, self.tokens_per_step, self.device, self.dist = folder, tokens_per_step, device, dist
         self.scaled = scaled
         flush_every = min(cfg.max_iters, cfg.eval_interval)  # the series are read back at every evaluation
@@ -130,19 +129,14 @@ class MetricsRecorder:
         self.val_rows: list[tuple] = []  # (step, val_loss, val_bpc, elapsed_s)
         self.losses = torch.zeros(flush_every, device=device)
         self.norms = torch.zeros(flush_every, device=device)
-        # float64 where the device has it: a group's float lr is logged as set_lr wrote it
-        self.lrs = torch.zeros(
-            flush_every, device=device, dtype=torch.float32 if device.type == "mps" else torch.float64
-        )
+        lr_dtype = torch.float32 if device.type == "mps" else torch.float64  # a float lr as set_lr wrote it
+        self.lrs = torch.zeros(flush_every, device=device, dtype=lr_dtype)
         self.progress = TrainProgress(cfg.max_iters, 0, show_progress and dist.is_main, tokens_per_step)
-        self.writer = None
-        if cfg.tensorboard and dist.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(tensorboard))
+        self.writer = _summary_writer(tensorboard) if cfg.tensorboard and dist.is_main else None
         self.launched, self.earlier_runs = time.perf_counter() - (runtime.seconds_since_launch() or 0.0), 0.0
         self.intervals: list[tuple[int, float]] = []  # (tokens, training seconds) between evaluations
-        self.paused_s, self.pause_began = 0.0, None
+        self.paused_s = 0.0  # seconds spent in paused()
+        self.pause_began: float | None = None  # when the pause now under way began
         self.start(0)
 
     def start(self, step: int, compile_steps: int = 0) -> None:
@@ -231,11 +225,8 @@ class MetricsRecorder:
 
     def write(self, summary: dict[str, Any]) -> None:
         """The series and `summary` in DVC's layout (main process only), each file replaced atomically."""
-        if not self.dist.is_main:
-            return
-        files.write_text(self.folder / TRAIN_SERIES, _tsv(("step", "train_loss", "lr"), self.train_rows))
-        files.write_text(self.folder / VAL_SERIES, _tsv(("step", "val_loss", "val_bpc", "elapsed_s"), self.val_rows))
-        files.write_json(self.folder / SUMMARY, summary)
+        if self.dist.is_main:
+            write_metrics(self.folder, self.train_rows, self.val_rows, summary)
 
     def state(self) -> dict[str, Any]:
         """The series for the resume state, flushed up to the last step (every rank calls it)."""
@@ -243,9 +234,8 @@ class MetricsRecorder:
         return {"train_rows": self.train_rows, "val_rows": self.val_rows}
 
     def restore(self, state: dict[str, Any], step: int, elapsed: float) -> None:
-        """Continue the series of a run that saved `state` at `step` after `elapsed` seconds (rows past `step`
-        were logged after the save)."""
-        self.train_rows = [tuple(r) for r in state["train_rows"] if r[0] <= step]
+        """Continue the series of a run that saved `state` at `step` after `elapsed` seconds."""
+        self.train_rows = [tuple(r) for r in state["train_rows"] if r[0] <= step]  # later rows: logged after the save
         self.val_rows = [tuple(r) for r in state["val_rows"] if r[0] <= step]
         self.earlier_runs = elapsed
 
@@ -259,7 +249,19 @@ class MetricsRecorder:
 
     def _training_clock(self) -> float:
         """A clock that stands still inside `paused()`."""
-        return (self.pause_began or time.perf_counter()) - self.paused_s
+        return (time.perf_counter() if self.pause_began is None else self.pause_began) - self.paused_s
+
+
+def _summary_writer(folder: Path) -> Any:
+    from torch.utils.tensorboard import SummaryWriter  # only with train.tensorboard: an optional dependency
+
+    return SummaryWriter(str(folder))
+
+
+def write_metrics(folder: Path, train_rows: list[tuple], val_rows: list[tuple], summary: dict[str, Any]) -> None:
+    files.write_text(folder / TRAIN_SERIES, _tsv(("step", "train_loss", "lr"), train_rows))
+    files.write_text(folder / VAL_SERIES, _tsv(("step", "val_loss", "val_bpc", "elapsed_s"), val_rows))
+    files.write_json(folder / SUMMARY, summary)
 
 
 def _tsv(header: tuple[str, ...], rows: list[tuple]) -> str:
