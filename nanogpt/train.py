@@ -30,6 +30,8 @@ from nanogpt.step import CapturedStep, build_train_step
 
 @dataclass(frozen=True)
 class TrainPaths:
+    """The folders and files the train stage reads (data_dir) and writes."""
+
     data_dir: Path = Path("data")
     checkpoint: Path = Path("out/ckpt.pt")
     resume_dir: Path = Path("out/resume")
@@ -48,13 +50,8 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths(), show_progress: bool = T
     try:
         with out_of_memory(f"building the model on {device}", "lower model.n_embd or model.n_layer"):
             trainer = Trainer(cfg, paths, device, dtype, dist, show_progress)
-        with (
-            out_of_memory(
-                f"training on {device} with batches of {cfg.train.batch_size} x {cfg.model.block_size} tokens", TOO_BIG
-            ),
-            trainer.running(),
-            _StopFlag() as stop,
-        ):
+        training = f"training on {device} with batches of {cfg.train.batch_size} x {cfg.model.block_size} tokens"
+        with out_of_memory(training, TOO_BIG), trainer.running(), _StopFlag() as stop:
             while trainer.step < cfg.train.max_iters:
                 if distributed.any_rank(stop.signum is not None, dist):  # all ranks stop at one step
                     trainer.save_resume()
@@ -112,14 +109,14 @@ class Trainer:
         )
         # off the GPU a host check costs nothing: stop before a non-finite update
         check = None if device.type == "cuda" else self._check_step
-        parts, compiled, captured = self.parts, self.compiled, self.captured
+        parts = self.parts
         self.step_fn = build_train_step(
             parts.model,
             parts.optimizers,
             parts.scaler,
             train,
-            compiled=compiled,
-            captured=captured,
+            compiled=self.compiled,
+            captured=self.captured,
             dtype=dtype,
             check=check,
             average=parts.average,
