@@ -8,6 +8,7 @@ import dataclasses
 import json
 import re
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from nanogpt import data, progress
 from nanogpt.checkpoint import load_checkpoint
 from nanogpt.data import save_tokens
 from nanogpt.distributed import DistInfo
+from nanogpt.errors import UserError
 from nanogpt.metrics import MetricsRecorder
 from nanogpt.model import GPT
 from nanogpt.optim import lr_factor
@@ -297,3 +299,27 @@ def test_an_evaluation_during_the_steps_that_compile_shows_no_speed(tmp_path, ca
     out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert [line.rsplit("  ", 1)[1] for line in out][:2] == ["compiling", "compiling"]
     assert out[2].endswith(" tok/s")
+
+
+def test_a_full_disk_stops_training_with_one_line_and_keeps_the_checkpoint(tmp_path):
+    """out/ on a 16 KiB tmpfs holding an earlier checkpoint: the first save fails as `cannot write PATH: REASON`
+    (not torch.save's chained RuntimeError) and the earlier checkpoint stays."""
+    encoded_data(tmp_path / "data")
+    paths = paths_under(tmp_path)
+    paths.checkpoint.parent.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(paths.checkpoint.parent)],
+        check=False,
+        capture_output=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        paths.checkpoint.write_bytes(b"an earlier checkpoint")
+        with pytest.raises(UserError) as info:
+            train(tiny_config(TINY), paths, show_progress=False)
+        assert str(info.value) == f"cannot write {paths.checkpoint}: No space left on device"
+        assert info.value.__suppress_context__
+        assert paths.checkpoint.read_bytes() == b"an earlier checkpoint"
+    finally:
+        subprocess.run(["umount", str(paths.checkpoint.parent)], check=True)
