@@ -277,10 +277,11 @@ def train_warnings(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -
             f"train.warmup_iters ({cfg.warmup_iters}) >= train.max_iters ({cfg.max_iters}): the whole run is "
             "warmup, the learning rate never decays; lower train.warmup_iters"
         )
-    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):  # bf16: many times slower (BENCHMARKS.md)
-        name = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    slower = {torch.float16: ("fp16", "slower"), torch.bfloat16: ("bf16", "many times slower")}
+    if device.type == "cpu" and dtype in slower:
+        name, how = slower[dtype]
         warnings.append(
-            f"train.dtype is {name} on the CPU: slower than fp32 on most CPUs, and less precise; use auto (fp32 here)"
+            f"train.dtype is {name} on the CPU: {how} than fp32 on most CPUs, and less precise; use auto (fp32 here)"
         )
     return warnings
 
