@@ -95,14 +95,23 @@ def test_the_readme_fits_its_budget_and_starts_the_quick_start_early() -> None:
     assert lines.index("## Quick start") < 40
 
 
+def anchors(page: Path) -> set[str]:
+    """The #fragments of a markdown page's headings, as GitHub makes them."""
+    text = re.sub(r"```.*?```", " ", page.read_text(encoding="utf-8"), flags=re.S)  # a `# comment` is no heading
+    headings = re.findall(r"^#+ (.+)$", text, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
 def test_every_local_link_of_the_docs_resolves() -> None:
     pages = [PROJECT_ROOT / "README.md", PROJECT_ROOT / "BENCHMARKS.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
-    broken = [
-        f"{page.relative_to(PROJECT_ROOT)}: {target}"
-        for page in pages
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8"))
-        if "://" not in target and not (page.parent / target).exists()
-    ]
+    broken = []
+    for page in pages:
+        for target, fragment in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", page.read_text(encoding="utf-8")):
+            if "://" in target:
+                continue
+            path = (page.parent / target) if target else page
+            if not path.exists() or (fragment and path.suffix == ".md" and fragment not in anchors(path)):
+                broken.append(f"{page.relative_to(PROJECT_ROOT)}: {target}#{fragment}")
     assert not broken, broken
 
 
