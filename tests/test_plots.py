@@ -2,6 +2,9 @@
 is a named one with a title and labelled axes, and the page they write opens with no network."""
 
 import json
+import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -12,6 +15,23 @@ from conftest import dvc
 pytestmark = pytest.mark.slow
 
 REMOTE = ("http://", "https://", "//")
+
+# Runs a plots page's inline scripts in node, no browser: loads the libraries the page carries, collects the charts
+# its divs hand to vegaEmbed, and renders each with vega's headless SVG renderer; prints [div id, SVG] per chart.
+RENDER = """
+const vm = require("vm");
+const [libraries, charts] = JSON.parse(require("fs").readFileSync(0, "utf8"));
+for (const code of libraries) vm.runInThisContext(code);
+const specs = [];
+globalThis.vegaEmbed = (id, spec) => specs.push([id, spec]);
+for (const code of charts) vm.runInThisContext(code);
+Promise.all(specs.map(async ([id, spec]) => {
+  const view = new vega.View(vega.parse(vegaLite.compile(spec).spec), { renderer: "none" });
+  return [id, await view.toSVG()];
+})).then((svgs) => console.log(JSON.stringify(svgs)));
+"""
+# a line mark drawn through at least two points
+LINE = re.compile(r'class="mark-line role-mark[^"]*"[^>]*><path[^>]*d="M[\d.,-]+L')
 
 
 class _Page(HTMLParser):
@@ -86,3 +106,23 @@ def test_the_plots_page_loads_nothing_from_the_network(reproduced_project: Path,
     for page in (reproduced_project / "dvc_plots" / "index.html", moved / "index.html"):
         assert '<div id = "loss">' in page.read_text(encoding="utf-8")
         assert_opens_offline(page)
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's scripts")
+def test_the_page_draws_every_chart_with_the_scripts_it_carries(reproduced_project: Path, tmp_path: Path) -> None:
+    dvc(reproduced_project, "plots", "show")
+    render = tmp_path / "render.js"  # a file, not `node -e`: there `module` is defined and the builds would not
+    render.write_text(RENDER, encoding="utf-8")  # make the globals that a page's scripts use
+    scripts = parse(reproduced_project / "dvc_plots" / "index.html").inline
+    libraries = [code for code in scripts if "vegaEmbed('#" not in code]
+    charts = [code for code in scripts if "vegaEmbed('#" in code]
+
+    result = subprocess.run(
+        ["node", str(render)], input=json.dumps([libraries, charts]), capture_output=True, text=True, check=True
+    )
+
+    drawn = dict(json.loads(result.stdout))
+    assert set(drawn) == {"#loss", "#metrics_train_loss_tsv", "#metrics_val_loss_tsv"}
+    for chart, svg in drawn.items():
+        assert LINE.search(svg), f"{chart}: no line drawn"
+    assert "Train and validation loss" in drawn["#loss"] and "optimizer step" in drawn["#loss"]
