@@ -3,6 +3,9 @@ table names, and the everyday DVC commands it lists print what it says (the real
 
 import json
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,6 +116,26 @@ def test_every_local_link_of_the_docs_resolves() -> None:
             if not path.exists() or (fragment and path.suffix == ".md" and fragment not in anchors(path)):
                 broken.append(f"{page.relative_to(PROJECT_ROOT)}: {target}#{fragment}")
     assert not broken, broken
+
+
+def test_the_readme_picture_is_drawn_from_committed_results(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    (picture,) = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme)
+    # the command in benchmarks/plot.py's docstring that draws it, run with its output elsewhere
+    doc = (PROJECT_ROOT / "benchmarks" / "plot.py").read_text(encoding="utf-8")
+    command = re.search(r"python -m benchmarks\.plot --steps (.+?) -o " + re.escape(picture), doc, flags=re.S)
+    assert command, f"benchmarks/plot.py does not say how {picture} is drawn"
+    args = shlex.split(re.sub(r"\\+\n", " ", command.group(1)))  # the docstring's line continuations
+
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.plot", "--steps", *args, "-o", str(tmp_path / "picture.png")],
+        cwd=PROJECT_ROOT,
+        check=True,
+        capture_output=True,
+    )
+
+    assert (tmp_path / "picture.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
