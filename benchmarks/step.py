@@ -159,7 +159,7 @@ def main() -> None:
     device = runtime.resolve_device(cfg.train.device)
     dtype = runtime.resolve_dtype(cfg.train.dtype, device)
     captured = runtime.captures_step(cfg.train.compile_mode, device, dtype, 1, cfg.model.gradient_checkpointing)
-    compiled = runtime.resolve_compile(cfg.train.compile, device, captured)
+    compiled = runtime.resolve_compile(cfg.train.compile, device)
     if args.profile:
         captured = False  # the profiler needs the kernels launched one by one
     parts = build(cfg, args.data, device, captured, compiled)

@@ -43,12 +43,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_compile(setting: bool | str, device: torch.device, captured: bool = False) -> bool:
-    """`auto` compiles on CUDA under Linux, where torch.compile's Triton backend is at home, unless the step is
-    captured whole (`captures_step`): the graph already removes the launch overhead, and compiling would cost
-    more start-up than its fused kernels save in a run of this project's size (BENCHMARKS.md)."""
+def resolve_compile(setting: bool | str, device: torch.device) -> bool:
+    """`auto` compiles on CUDA under Linux, where torch.compile's Triton backend is at home: inside the captured
+    step (nanogpt/step.py) too, where inductor's fused kernels make the step about 1.7x faster (BENCHMARKS.md).
+    The first run on a machine pays the compilation once; compile_cache() keeps it for every later run."""
     if setting == "auto":
-        return device.type == "cuda" and sys.platform.startswith("linux") and not captured
+        return device.type == "cuda" and sys.platform.startswith("linux")
     return bool(setting)
 
 
