@@ -133,11 +133,14 @@ def test_encode_param_reruns_everything_but_download(reproduced_project: Path) -
 # A bad value in each section of params.yaml, set as a user does with `dvc exp run -S`, and an emptied params.yaml;
 # each with what its one-line error says.
 BAD_PARAMS = {
-    "data": (["-S", "data.timeout=0"], "data.timeout must be > 0, got 0.0"),
-    "encode": (["-S", "encode.val_fraction=1.5"], "encode.val_fraction must be in (0, 1), got 1.5"),
+    "data": (["-S", "data.timeout=0"], "data.timeout must be greater than 0, got 0.0"),
+    "encode": (["-S", "encode.val_fraction=1.5"], "encode.val_fraction must be less than 1, got 1.5"),
     "model": (["-S", "model.n_head=5"], "model.n_embd (32) must be divisible by model.n_head (5)"),
-    "train": (["-S", "train.batch_size=0"], "train.batch_size must be >= 1, got 0"),
-    "sample": (["-S", "sample.top_k=abc"], "sample.top_k must be an integer or null, got 'abc'"),
+    "train": (["-S", "train.batch_size=0"], "train.batch_size must be greater than or equal to 1, got 0"),
+    "sample": (
+        ["-S", "sample.top_k=abc"],
+        "sample.top_k must be a valid integer, got 'abc' (keep the k likeliest tokens; null: off)",
+    ),
     "empty params.yaml": ([], "params.yaml must hold a mapping of sections"),
 }
 
@@ -186,7 +189,7 @@ def test_bad_params_fail_a_targeted_experiment_with_a_frozen_download_stage(repr
 
     result = dvc(project, "exp", "run", "train", "-S", "train.batch_size=0", check=False)
 
-    assert_stopped_by_validate(result, "train.batch_size must be >= 1, got 0")
+    assert_stopped_by_validate(result, "train.batch_size must be greater than or equal to 1, got 0")
     assert snapshot(project) == last_good_run, "an output of the last good run was changed or deleted"
 
 

@@ -143,19 +143,22 @@ def closed_port() -> int:
 # ---------------------------------------------------------------- params
 
 PARAM_CASES = {
-    "wrong type": ({"model.n_layer": "two"}, ["model.n_layer must be an integer", "'two'"]),
-    "float for an integer": ({"train.batch_size": 8.5}, ["train.batch_size must be an integer", "8.5"]),
+    "wrong type": ({"model.n_layer": "two"}, ["model.n_layer must be a valid integer", "'two'"]),
+    "float for an integer": ({"train.batch_size": 8.5}, ["train.batch_size must be a valid integer", "8.5"]),
     "string for a boolean": (
         {"model.gradient_checkpointing": "yes"},
-        ["model.gradient_checkpointing must be true or false", "'yes'"],
+        ["model.gradient_checkpointing must be a valid boolean", "'yes'"],
     ),
-    "negative learning rate": ({"train.learning_rate": -0.001}, ["train.learning_rate must be > 0", "-0.001"]),
-    "dropout of 1": ({"model.dropout": 1.0}, ["model.dropout must be in [0, 1)", "1.0"]),
+    "negative learning rate": (
+        {"train.learning_rate": -0.001},
+        ["train.learning_rate must be greater than 0", "-0.001"],
+    ),
+    "dropout of 1": ({"model.dropout": 1.0}, ["model.dropout must be less than 1", "1.0"]),
     "n_embd not divisible by n_head": (
         {"model.n_embd": 30, "model.n_head": 4},
         ["model.n_embd (30) must be divisible by model.n_head (4)"],
     ),
-    "batch_size 0": ({"train.batch_size": 0}, ["train.batch_size must be >= 1, got 0"]),
+    "batch_size 0": ({"train.batch_size": 0}, ["train.batch_size must be greater than or equal to 1, got 0"]),
     "unknown device": ({"train.device": "tpu"}, ["train.device", "'tpu'"]),
     "unknown dtype": ({"train.dtype": "fp8"}, ["train.dtype", "'fp8'"]),
     "misspelt key": ({"train.learnig_rate": 0.001}, ["unknown parameter train.learnig_rate"]),
@@ -228,7 +231,9 @@ def test_download_cut_off_writes_nothing(trained: Path, bad_http_server: str) ->
 
 def test_download_url_with_unknown_scheme(trained: Path) -> None:
     set_params(trained / "params.yaml", {"data.url": "ftp://example.com/input.txt"})
-    run_expecting_error(trained, "download", [], "data.url must start with http://, https:// or file://")
+    run_expecting_error(
+        trained, "download", [], "data.url must match pattern", "(the text to train on: http://, https:// or file://)"
+    )
 
 
 # ---------------------------------------------------------------- data
@@ -263,17 +268,20 @@ def test_text_too_short_for_one_block_names_block_size(trained: Path) -> None:
 SAMPLE_CASES = {
     "characters outside the vocabulary": (["--prompt", "the ~é#{"], ["outside the vocabulary", "~", "é", "#", "{"]),
     "empty prompt": (["--prompt", ""], ["sample.prompt is empty"]),
-    "negative num_tokens": (["--num_tokens", "-1"], ["sample.num_tokens must be >= 0, got -1"]),
+    "negative num_tokens": (["--num_tokens", "-1"], ["sample.num_tokens must be greater than or equal to 0, got -1"]),
     "num_tokens not a number": (["--num_tokens", "abc"], ["argument --num_tokens", "'abc'", "--help"]),
-    "num_samples 0": (["--num_samples", "0"], ["sample.num_samples must be >= 1, got 0"]),
-    "top_k 0": (["--top_k", "0"], ["sample.top_k must be null or >= 1, got 0"]),
+    "num_samples 0": (["--num_samples", "0"], ["sample.num_samples must be greater than or equal to 1, got 0"]),
+    "top_k 0": (["--top_k", "0"], ["sample.top_k must be greater than or equal to 1, got 0", "null: off"]),
     "top_k neither a number nor none": (
         ["--top_k", "off"],
         ["argument --top_k", "'off'", "none turns it off", "--help"],
     ),
-    "top_p 0": (["--top_p", "0"], ["sample.top_p must be null or in (0, 1], got 0.0"]),
-    "top_p 1.5": (["--top_p", "1.5"], ["sample.top_p must be null or in (0, 1], got 1.5"]),
-    "negative temperature": (["--temperature", "-1"], ["sample.temperature must be >= 0", "got -1.0"]),
+    "top_p 0": (["--top_p", "0"], ["sample.top_p must be greater than 0, got 0.0", "null: off"]),
+    "top_p 1.5": (["--top_p", "1.5"], ["sample.top_p must be less than or equal to 1, got 1.5", "null: off"]),
+    "negative temperature": (
+        ["--temperature", "-1"],
+        ["sample.temperature must be greater than or equal to 0", "got -1.0"],
+    ),
     "unknown device": (["--device", "tpu"], ["--device", "'tpu'"]),
     "unknown quantization": (["--quantize", "int4"], ["sample.quantize must be", "'int4'"]),
     "unknown escape in the prompt": (["--prompt", "ROMEO\\q"], ["sample.prompt has an unknown escape \\q"]),
@@ -656,9 +664,14 @@ TRACEBACK_CASES: dict[str, tuple[Callable[[Path, str], None], str, list[str], li
         nothing,
         "sample",
         [*SAMPLE, "--seed", str(2**70)],
-        ["sample.seed must be in [0, 9223372036854775807]", str(2**70)],
+        ["sample.seed must be less than or equal to 9223372036854775807", str(2**70)],
     ),
-    "train.seed 2**70": (params({"train.seed": 2**70}), "train", [], ["train.seed must be in [0, "]),
+    "train.seed 2**70": (
+        params({"train.seed": 2**70}),
+        "train",
+        [],
+        ["train.seed must be less than or equal to 9223372036854775807"],
+    ),
     "batch_size 1e10": (
         params({"train.batch_size": 10**10}),
         "train",
