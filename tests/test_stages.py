@@ -481,6 +481,44 @@ def test_ctrl_c_while_sampling_ends_quietly_with_status_130(trained: Path) -> No
     assert snapshot(trained) == before  # nothing written
 
 
+# A sitecustomize that makes the stage's first import of the package slow, and says when it has begun, so that the
+# test's SIGINT lands inside the stage's imports every time (the product is unchanged; only this test's Python is).
+SLOW_IMPORT = """
+import os, pathlib, sys, time
+
+class SlowPackage:
+    def find_spec(self, name, path=None, target=None):
+        if name == "nanogpt":
+            pathlib.Path(os.environ["IMPORT_STARTED"]).touch()
+            time.sleep(60)
+        return None
+
+sys.meta_path.insert(0, SlowPackage())
+"""
+
+
+@pytest.mark.parametrize("stage", ["validate", "download", "encode", "train", "sample", "export"])
+def test_ctrl_c_while_a_stage_imports_is_one_line_and_status_130(stage: str, tmp_path: Path) -> None:
+    (tmp_path / "sitecustomize.py").write_text(SLOW_IMPORT, encoding="utf-8")
+    started = tmp_path / "import-started"
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{PROJECT_ROOT}", "IMPORT_STARTED": str(started)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", f"stages.{stage}"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), f"the stage never began importing nanogpt: {proc.stderr}"
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+
+    assert (proc.returncode, stderr) == (130, "interrupted\n")
+    assert {path.name for path in tmp_path.iterdir()} <= {"sitecustomize.py", "import-started", "__pycache__"}
+
+
 @pytest.mark.parametrize("stage", ["validate", "download"])
 def test_stages_before_encode_do_not_load_torch(stage: str) -> None:
     """The validate and download stages start in a fraction of a second: they import none of torch (validate runs
