@@ -1,4 +1,4 @@
-"""The architecture and training options of #14 (model.rope, qk_norm, mlp, tie_embeddings; train.schedule, ema):
+"""The architecture and training options (model.rope, qk_norm, mlp, tie_embeddings; train.schedule, ema):
 what each computes, and that each keeps the KV cache, generation, int8 sampling and the checkpoint exact."""
 
 import contextlib

@@ -5,6 +5,7 @@ compares the bytes of data/, out/ and metrics/ before and after.
 """
 
 import dataclasses
+import hashlib
 import http.server
 import json
 import os
@@ -94,6 +95,8 @@ def trained(trained_template: Path, tmp_path: Path) -> Path:
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
+    """/corpus.txt serves `body` (CORPUS_SHA); the other paths fail in the ways their names say."""
+
     body = b"a tiny corpus\n" * 100
 
     def do_GET(self) -> None:
@@ -120,6 +123,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
+
+
+CORPUS_SHA = hashlib.sha256(_Handler.body).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -236,12 +242,77 @@ def test_download_url_with_unknown_scheme(trained: Path) -> None:
     )
 
 
+# Values that pass the types but cannot work: each once passed `validate` and failed later, in train or sample,
+# after DVC had deleted the outputs. Written as params.yaml holds them (`dvc exp run -S x=inf` writes .inf).
+UNWORKABLE_CASES = {
+    "empty prompt": ({"sample.prompt": ""}, ["sample.prompt is empty, got ''", "give the text to continue"]),
+    "infinite learning rate": (
+        {"train.learning_rate": float("inf")},
+        ["train.learning_rate must be a finite number, got inf"],
+    ),
+    "nan weight decay": ({"train.weight_decay": float("nan")}, ["train.weight_decay must be a finite number, got nan"]),
+    "infinite timeout": ({"data.timeout": float("inf")}, ["data.timeout must be a finite number, got inf"]),
+    "timeout past what a socket takes": ({"data.timeout": 1e300}, ["data.timeout must be less than or equal to 86400"]),
+    "infinite temperature": ({"sample.temperature": float("inf")}, ["sample.temperature must be a finite number"]),
+    "nan temperature": ({"sample.temperature": float("nan")}, ["sample.temperature must be a finite number, got nan"]),
+    "temperature too small to divide by": (
+        {"sample.temperature": 1e-40},
+        ["sample.temperature must be 0 (greedy) or at least 0.0001, got 1e-40: use 0 for greedy"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", UNWORKABLE_CASES)
+def test_values_that_cannot_work_stop_validate(trained: Path, case: str) -> None:
+    updates, fragments = UNWORKABLE_CASES[case]
+    set_params(trained / "params.yaml", updates)
+    run_expecting_error(trained, "validate", ["--output", "out/params.ok"], *fragments)
+
+
+def test_stages_write_where_their_flags_say(trained: Path) -> None:
+    """dvc.yaml names every file in each stage's cmd: the flags, not constants, decide where files go."""
+    (trained / "elsewhere").mkdir()
+    shutil.copy(trained / "data" / "input.txt", trained / "elsewhere" / "text.txt")
+    before = snapshot(trained)
+
+    run_stage(trained, "validate", "--output", "elsewhere/ok")
+    run_stage(
+        trained,
+        "encode",
+        *("--input", "elsewhere/text.txt", "--train", "elsewhere/t.pt", "--val", "elsewhere/v.pt"),
+        *("--vocab", "elsewhere/vocab.json"),
+    )
+    run_stage(
+        trained,
+        "train",
+        *("--data", "data", "--checkpoint", "elsewhere/ckpt.pt", "--resume", "elsewhere/resume"),
+        *("--metrics", "elsewhere/metrics", "--tensorboard", "elsewhere/tb"),
+    )
+
+    written = {path.name for path in (trained / "elsewhere").rglob("*") if path.is_file()}
+    assert {"ok", "t.pt", "v.pt", "vocab.json", "ckpt.pt", "train.json"} <= written
+    assert snapshot(trained) == before  # data/, out/ and metrics/ untouched
+
+
+def test_download_writes_where_its_flag_says(trained: Path, bad_http_server: str) -> None:
+    set_params(trained / "params.yaml", {"data.url": f"{bad_http_server}/corpus.txt", "data.sha256": CORPUS_SHA})
+    before = snapshot(trained)
+
+    run_stage(trained, "download", "--output", "elsewhere/text.txt")
+
+    assert (trained / "elsewhere" / "text.txt").read_bytes() == _Handler.body
+    assert snapshot(trained) == before
+
+
 # ---------------------------------------------------------------- data
 
 DATA_CASES = {
     "empty file": (b"", ["data/input.txt is empty"]),
     "not UTF-8": ("café\n".encode("latin-1") * 50, ["data/input.txt is not valid UTF-8", "byte 3"]),
-    "validation split with new characters": (b"abc abc cab\n" * 20 + b"XYZ", ["validation split", "'XYZ'"]),
+    "validation split with new characters": (
+        b"abc abc cab\n" * 20 + b"XYZ",
+        ["validation split", "'XYZ'", "lower encode.val_fraction", "encode.tokenizer=bpe"],
+    ),
 }
 
 
@@ -540,7 +611,7 @@ def test_sample_metrics_tell_start_up_from_decoding(trained: Path) -> None:
     assert metrics["decode_tokens_per_sec"] > 0  # tokens kept arriving after the first ones
 
 
-# ---------------------------------------------------------------- inputs that once ended in a traceback (#17)
+# ---------------------------------------------------------------- inputs that once ended in a traceback
 
 MAX_RSS = 1536 << 20  # bytes: a stage that refuses at once stays near the size of Python + torch (~600 MiB)
 ADDRESS_SPACE = 8 << 30  # the cap on each child: a regression fails an allocation instead of filling the machine
@@ -728,7 +799,7 @@ TRACEBACK_CASES: dict[str, tuple[Callable[[Path, str], None], str, list[str], li
         [*SAMPLE_ON_CPU, "--num_samples", str(10**9)],
         ["out of memory generating 1,000,000,000 samples", "lower sample.num_samples"],
     ),
-    # silent nonsense (#17, item 5): now refused
+    # silent nonsense: now refused
     "BPE vocab.json beside char token files": (
         bpe_vocabulary,
         "train",
