@@ -448,7 +448,7 @@ def test_workspace_params_give_the_documented_defaults():
     assert cfg.model.head_size == 64
     assert cfg.model.gradient_checkpointing is False
     assert cfg.train.batch_size == 64
-    # measured defaults (BENCHMARKS.md, the architecture sweep): rotary embeddings, dropout 0.3, 3000 steps and the weights'
+    # measured defaults (BENCHMARKS.md): rotary embeddings, dropout 0.3, 3000 steps and the weights'
     # moving average reach best val 1.399 (three seeds); the rest is nanoGPT's GPT
     assert cfg.model.rope is True
     assert (cfg.model.qk_norm, cfg.model.mlp, cfg.model.tie_embeddings) == (False, "gelu", True)

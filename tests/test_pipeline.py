@@ -13,7 +13,7 @@ import math
 import re
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
@@ -142,6 +142,18 @@ BAD_PARAMS = {
         "sample.top_k must be a valid integer, got 'abc' (keep the k likeliest tokens; null: off)",
     ),
     "empty params.yaml": ([], "params.yaml must hold a mapping of sections"),
+    # values that pass the types but cannot work, as `-S` writes them: '' for an empty value, .inf and .nan
+    "empty prompt": (["-S", "sample.prompt="], "sample.prompt is empty, got ''"),
+    "infinite learning rate": (
+        ["-S", "train.learning_rate=inf"],
+        "train.learning_rate must be a finite number, got inf",
+    ),
+    "nan weight decay": (["-S", "train.weight_decay=nan"], "train.weight_decay must be a finite number, got nan"),
+    "infinite timeout": (["-S", "data.timeout=inf"], "data.timeout must be a finite number, got inf"),
+    "temperature too small to divide by": (
+        ["-S", "sample.temperature=1e-40"],
+        "sample.temperature must be 0 (greedy) or at least 0.0001, got 1e-40: use 0 for greedy",
+    ),
 }
 
 
@@ -289,6 +301,21 @@ def test_stage_code_deps_are_complete(stage: str) -> None:
         f for f in loaded if f not in deps and not (f.endswith("__init__.py") and _is_docstring_only(PROJECT_ROOT / f))
     ]
     assert not missing, f"dvc.yaml stage {stage!r} does not list code it imports: {missing}"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_names_its_files_in_its_cmd(stage: str) -> None:
+    """dvc.yaml alone shows the data flow: each file a stage reads or writes, other than its code, is a word of its
+    cmd, or the folder that holds it is (train's --data data); no stage relies on a path its code chooses."""
+    spec = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"][stage]
+    words = set(spec["cmd"].split())
+    # out/params.ok orders a stage after validate; the stage does not read it
+    paths = [dep for dep in spec["deps"] if not dep.endswith(".py") and dep != "out/params.ok"]
+    for kind in ("outs", "metrics", "plots"):
+        paths += [next(iter(out)) if isinstance(out, dict) else out for out in spec.get(kind, [])]
+
+    unnamed = [path for path in paths if not {path, *map(str, PurePosixPath(path).parents)} & words]
+    assert not unnamed, f"dvc.yaml stage {stage!r} does not name {unnamed} in its cmd"
 
 
 @pytest.mark.slow
