@@ -35,7 +35,7 @@ from nanogpt.params_file import read_params
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 MIN_TEMPERATURE = 1e-4  # logits are divided by the temperature: far below this they overflow
-_SEED_RANGE = {"ge": 0, "le": 2**63 - 1}  # seeds torch accepts, with room for the per-sample and per-rank offsets
+MAX_SEED = 2**63 - 1  # the largest seed torch accepts, with room for the per-sample and per-rank offsets
 
 
 def _invalid(message: str) -> PydanticCustomError:  # `message` follows the key's name in the error line
@@ -186,7 +186,7 @@ class TrainConfig:
     )
     compile: StrictBool | Literal["auto"] = Field(description="torch.compile the model; auto: on for CUDA on Linux")
     compile_mode: CompileMode = Field(description="torch.compile mode; reduce-overhead replays CUDA graphs")
-    seed: StrictInt = Field(**_SEED_RANGE, description="random seed of the run")
+    seed: StrictInt = Field(ge=0, le=MAX_SEED, description="random seed of the run")
     tensorboard: StrictBool = Field(description="write TensorBoard event files under out/tensorboard")
 
 
@@ -202,7 +202,7 @@ class SampleConfig:
     top_p: Annotated[StrictFloat, Field(gt=0, le=1), _FROM_YAML] | None = Field(
         description="nucleus sampling; null: off"
     )
-    seed: StrictInt = Field(**_SEED_RANGE, description="random seed")
+    seed: StrictInt = Field(ge=0, le=MAX_SEED, description="random seed")
     quantize: Literal["auto", "int8"] | None = Field(
         description="auto: int8 weights on a CPU, off on a GPU; int8: int8 weights (CPU only); null: off"
     )
