@@ -90,7 +90,7 @@ class Trainer:
         self.captured = runtime.captures_step(
             train.compile_mode, device, dtype, dist.world_size, cfg.model.gradient_checkpointing
         )
-        self.compiled = runtime.resolve_compile(train.compile, device, self.captured)
+        self.compiled = runtime.resolve_compile(train.compile, device)
         self.parts = _build(cfg, self.data.tokenizer.vocab_size, device, dtype, self.captured)
         torch.manual_seed(train.seed + dist.rank)  # same initial weights on every rank, own dropout
         self.evaluator = Evaluator(train, self.data, runtime.autocast(device, dtype), dist, paths.checkpoint)
