@@ -1,6 +1,6 @@
 """Sampling: small pure functions, and the full-context reference generator (nanoGPT's way).
 
-The fast generator, `nanogpt.engine.generate`, keeps a KV cache and replays CUDA graphs. Both generators see
+The fast generator, `nanogpt.generate.generate`, keeps a KV cache and replays CUDA graphs. Both generators see
 the same context for every new token (`context_length`), draw the same noise from one seeded generator per
 sample (`Noise`), and so produce the same tokens; the cached one does a fraction of the work.
 """
@@ -13,6 +13,10 @@ from torch import Tensor
 
 from nanogpt.model import GPT
 
+# Temperatures below this one sample as this one does: the most likely token, but for near-ties. 1 / T of a
+# smaller one overflows float32 on the way to the logits (1e-40 cannot be divided by at all).
+MIN_TEMPERATURE = 1e-8
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -24,8 +28,9 @@ class SamplingParams:
 def context_length(n: int, block_size: int) -> int:
     """How many of the last `n` tokens the model sees when predicting token n + 1.
 
-    Up to block_size, all of them. Past it, positions are absolute and learned, so a cache cannot slide:
-    when it is full the last `block_size // 2` tokens are re-read into it (one prefill) and it fills again.
+    Up to block_size, all of them. Past it, the context restarts at position 0, as the model knows positions
+    0..block_size-1 only (its rotary angles or learned embeddings), so a cache cannot slide: when it is full the
+    last `block_size // 2` tokens are re-read into it (one prefill) and it fills again.
     """
     if n <= block_size:
         return n
@@ -40,7 +45,7 @@ def filtered_logits(logits: Tensor, params: SamplingParams) -> Tensor:
     top_k larger than the vocabulary keeps the whole vocabulary. top-p keeps the smallest set of most
     likely tokens whose probability reaches top_p.
     """
-    logits = logits.float() / max(params.temperature, 1e-8)
+    logits = logits.float() / max(params.temperature, MIN_TEMPERATURE)
     if params.top_k is not None and params.top_k < logits.size(-1):
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -68,7 +73,7 @@ def sample(logits: Tensor, params: SamplingParams, gumbel: Tensor, out: Tensor |
     if params.temperature == 0:
         scores = logits
     elif _unfiltered(params, logits.size(-1)):
-        scores = torch.add(gumbel, logits, alpha=1 / params.temperature)  # logits / T + G in one kernel
+        scores = torch.add(gumbel, logits, alpha=1 / max(params.temperature, MIN_TEMPERATURE))  # logits / T + G
     else:
         scores = filtered_logits(logits, params) + gumbel
     return torch.argmax(scores, dim=-1, out=out)
@@ -114,7 +119,7 @@ def generate_reference(
     model: GPT, prompt: list[int], num_tokens: int, num_samples: int, params: SamplingParams, seed: int
 ) -> Tensor:
     """Recompute the whole context for every new token (nanoGPT's way): slow, simple, the yardstick.
-    Returns (num_samples, num_tokens) token ids on the CPU, as engine.generate does."""
+    Returns (num_samples, num_tokens) token ids on the CPU, as generate.generate does."""
     noise = Noise(seed, num_samples, model.vocab_size, model.device)
     seq = torch.tensor([prompt] * num_samples, dtype=torch.long, device=model.device)
     for i in range(num_tokens):

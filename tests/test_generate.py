@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from conftest import cuda_devices, tiny_config
-from nanogpt.engine import generate
-from nanogpt.generate import Noise, SamplingParams, context_length, generate_reference, logits_to_probs, sample
-from nanogpt.model import GPT, KVCache
+from nanogpt.generate import Engine, generate, new_kv_cache
+from nanogpt.kernels import FusedDecodeCache
+from nanogpt.model import GPT
+from nanogpt.sampling import Noise, SamplingParams, context_length, generate_reference, logits_to_probs, sample
 
 VOCAB = 13
 GREEDY = SamplingParams(temperature=0.0, top_k=None, top_p=None)
@@ -306,13 +307,12 @@ def test_generation_streams_every_new_token_once_in_order(model):
     assert torch.equal(torch.cat(pieces, dim=1), tokens)
 
 
-def test_generation_leaves_no_cache_behind(model):
+def test_generation_leaves_the_model_as_it_was(model):
     x = torch.tensor([[1, 2, 3]])
     before, _ = model(x)
 
     generate(model, [1, 2, 3], 10, 2, PLAIN, seed=0)
 
-    assert all(block.attn.kv_cache is None for block in model.blocks)
     assert torch.equal(model(x)[0], before)
 
 
@@ -323,21 +323,18 @@ def test_empty_prompt_is_rejected(model):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_later_generation_reads_the_weights_as_they_are_then(model, device):
-    """On CUDA the decoder of the first generation, its graphs included, is kept and replayed by the next."""
+    """On CUDA an engine's first generation captures its graphs and its later ones replay them."""
     model = copy.deepcopy(model).to(device)
-    first = generate(model, [1, 2], 30, 1, PLAIN, seed=0)
+    engine = Engine(model, batch_size=1, params=PLAIN)
+    first = engine.generate([1, 2], 30, seed=0)
 
-    assert torch.equal(generate(model, [1, 2], 30, 1, PLAIN, seed=0), first)
+    assert torch.equal(engine.generate([1, 2], 30, seed=0), first)
     with torch.no_grad():
         for p in model.parameters():
-            p.mul_(0.5)  # in place: kept graphs see the new values
-    assert torch.equal(
-        generate(model, [1, 2], 30, 1, PLAIN, seed=0), generate_reference(model, [1, 2], 30, 1, PLAIN, seed=0)
-    )
-    model = model.to(torch.float64)  # new tensors at new addresses: a new decoder
-    assert torch.equal(
-        generate(model, [1, 2], 30, 1, PLAIN, seed=0), generate_reference(model, [1, 2], 30, 1, PLAIN, seed=0)
-    )
+            p.mul_(0.5)  # in place: the graphs see the new values
+    assert torch.equal(engine.generate([1, 2], 30, seed=0), generate_reference(model, [1, 2], 30, 1, PLAIN, seed=0))
+    model = model.to(torch.float64)  # new tensors at new addresses: the engine starts afresh
+    assert torch.equal(engine.generate([1, 2], 30, seed=0), generate_reference(model, [1, 2], 30, 1, PLAIN, seed=0))
 
 
 @pytest.mark.gpu
@@ -348,7 +345,7 @@ def test_cuda_graph_generation_of_full_runs_matches_the_reference(params):
     0 the closest call along these tokens is 3e-3 apart in logits (measured on the CPU), over a hundred times what
     fp32 rounding moves them between the cached and the full forward, so equal tokens are not luck."""
     model = peaked_model(block_size=128, n_embd=64).to("cuda")
-    assert KVCache(model.cfg, 2, torch.float32, model.device).decodes_in_kernel  # the Triton kernel, not SDPA
+    assert isinstance(new_kv_cache(model, 2), FusedDecodeCache)  # the Triton kernel, not SDPA
 
     cached = generate(model, [1, 2, 3, 4, 5], 300, 2, params, seed=0)
 
@@ -358,13 +355,14 @@ def test_cuda_graph_generation_of_full_runs_matches_the_reference(params):
 @pytest.mark.gpu
 def test_bf16_cuda_graph_generation_is_repeatable():
     """In bf16 the cached tokens need not be the reference's (the kernel and SDPA round differently), but a
-    seed gives the same tokens every time: from the kept graphs, and from graphs captured anew for a copy."""
+    seed gives the same tokens every time: from an engine's replayed graphs, and from graphs captured anew."""
     model = peaked_model(block_size=128, n_embd=64).to("cuda", torch.bfloat16)
-    assert KVCache(model.cfg, 2, torch.bfloat16, model.device).decodes_in_kernel
+    assert isinstance(new_kv_cache(model, 2), FusedDecodeCache)
+    engine = Engine(model, batch_size=2, params=PLAIN)
 
-    first = generate(model, [1, 2, 3], 200, 2, PLAIN, seed=4)
+    first = engine.generate([1, 2, 3], 200, seed=4)
 
-    assert torch.equal(generate(model, [1, 2, 3], 200, 2, PLAIN, seed=4), first)
+    assert torch.equal(engine.generate([1, 2, 3], 200, seed=4), first)
     assert torch.equal(generate(copy.deepcopy(model), [1, 2, 3], 200, 2, PLAIN, seed=4), first)
     assert not torch.equal(generate(model, [1, 2, 3], 200, 2, PLAIN, seed=5), first)
 
