@@ -117,8 +117,11 @@ class AtomicTextFile:
             self._file.flush()
 
     def __exit__(self, *exc_info: Any) -> bool | None:
-        if exc_info[0] is not None:  # the block failed: the temporary file goes, the exception goes on
-            return self._opening.__exit__(*exc_info)
+        if exc_info[0] is not None:  # the block failed: the temporary file goes, the block's exception goes on
+            try:
+                return self._opening.__exit__(*exc_info)
+            except OSError:  # closing it failed as its write did (the rest of the buffer): not the news
+                raise exc_info[1] from None
         with self._as_user_error():
             return self._opening.__exit__(None, None, None)
 

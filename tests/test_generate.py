@@ -1,6 +1,7 @@
 """Sampling filters, the context schedule, and the KV-cached generator against the full-context reference."""
 
 import copy
+import dataclasses
 import itertools
 import math
 
@@ -151,6 +152,17 @@ def test_temperature_zero_generates_the_most_likely_token_every_step(model):
     tokens = generate(model, [2, 7, 1], 30, 1, GREEDY, seed=123)
 
     assert tokens[0].tolist() == seq[3:]
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-40, 5e-324])  # 1 / 1e-40 overflows float32; 5e-324, float64 too
+@pytest.mark.parametrize("params", [PLAIN, TOP_K, TOP_P], ids=["plain", "top_k", "top_p"])
+def test_any_positive_temperature_samples_the_most_likely_token(model, params, temperature):
+    params = dataclasses.replace(params, temperature=temperature)
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.9]])
+    gumbel = torch.tensor([[3.0, 0.0, 3.0, 1.0]])  # enough to pick another token at temperature 1
+
+    assert sample(logits, params, gumbel).tolist() == [1]
+    assert torch.equal(generate(model, [1, 2], 20, 2, params, seed=0), generate(model, [1, 2], 20, 2, GREEDY, seed=0))
 
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
