@@ -1,7 +1,7 @@
 """The GPT of Karpathy's nanoGPT: pre-norm blocks of causal self-attention and a GELU MLP, tied LM head.
 
 Beyond nanoGPT: optional rotary positions, QK-norm, a ReLU² MLP and untied embeddings (ModelConfig), optional
-gradient checkpointing of the blocks, and a key/value cache for generation (KVCache, at the end), which
+gradient checkpointing of the blocks, and a key/value cache for generation (KVCache), which
 `forward` is given and each attention layer attends through. The model holds no generation state: the cache
 is the caller's (nanogpt/generate.py), and so is the choice of a faster cache (nanogpt/kernels.py's fused
 decode step on a GPU).
@@ -42,6 +42,37 @@ class Rotary(nn.Module):
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
+class KVCache:
+    """The keys and values of every position seen so far, in every layer, preallocated to the full context length
+    (static shapes, so that a decode step can be compiled and captured as a CUDA graph); and the attention mask
+    of the positions. Both in the model's dtype; under autocast the attention converts.
+
+    Layer i's keys and values share one buffer `kv[i]` (2, B, nh, block_size, hs), so that a step writes both
+    with one copy. `mask` (block_size, block_size) is additive: row p is 0 for the keys a query at position p
+    sees (0..p) and -inf for the rest, stale entries included.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        causal = torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool, device=device).tril()
+        self.mask = torch.zeros(causal.shape, dtype=dtype, device=device).masked_fill(~causal, -math.inf)
+        shape = (2, batch_size, cfg.n_head, cfg.block_size, cfg.head_size)
+        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+
+    def update(self, layer: int, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write keys and values k, v (B, nh, T, hs) of `layer` at positions `input_pos` (T,); return the layer's
+        keys and values (B, nh, block_size, hs) to attend over."""
+        kv = self.kv[layer]
+        kv.index_copy_(3, input_pos, torch.stack((k, v)).to(kv.dtype))  # (2, B, nh, T, hs) into (2, .., block_size, hs)
+        return kv[0], kv[1]
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
+        """Attention (B, nh, T, hs) of queries q (B, nh, T, hs) at positions `input_pos` (T,) over the cache,
+        the new keys and values k, v written into it first (update)."""
+        k, v = self.update(layer, input_pos, k, v)  # each (B, nh, block_size, hs)
+        mask = self.mask[input_pos][None, None]  # (1, 1, T, block_size)
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask.to(q.dtype))
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -54,7 +85,7 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(cfg.head_size, cfg.block_size) if cfg.rope else None
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, x: Tensor, input_pos: Tensor, kv_cache: "KVCache | None" = None) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         """x (B, T, C) at positions `input_pos` (T,). Without a cache each position attends to itself and the
         positions before it; with one, to the positions in the cache up to its own, its key and value added."""
         B, T, C = x.shape  # batch size, sequence length, embedding size (n_embd)
@@ -102,7 +133,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=False)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, input_pos: Tensor, kv_cache: "KVCache | None" = None) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         x = x + self.attn(self.ln_1(x), input_pos, kv_cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -145,7 +176,7 @@ class GPT(nn.Module):
         idx: Tensor,
         targets: Tensor | None = None,
         input_pos: Tensor | None = None,
-        kv_cache: "KVCache | None" = None,
+        kv_cache: KVCache | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab) for token ids `idx` (B, T); the mean cross-entropy too when `targets` is given.
 
@@ -169,36 +200,5 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))  # (B*T, vocab), (B*T,)
         return logits, loss
-
-
-class KVCache:
-    """The keys and values of every position seen so far, in every layer, preallocated to the full context length
-    (static shapes, so that a decode step can be compiled and captured as a CUDA graph); and the attention mask
-    of the positions. Both in the model's dtype; under autocast the attention converts.
-
-    Layer i's keys and values share one buffer `kv[i]` (2, B, nh, block_size, hs), so that a step writes both
-    with one copy. `mask` (block_size, block_size) is additive: row p is 0 for the keys a query at position p
-    sees (0..p) and -inf for the rest, stale entries included.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch_size: int, dtype: torch.dtype, device: torch.device) -> None:
-        causal = torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool, device=device).tril()
-        self.mask = torch.zeros(causal.shape, dtype=dtype, device=device).masked_fill(~causal, -math.inf)
-        shape = (2, batch_size, cfg.n_head, cfg.block_size, cfg.head_size)
-        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
-
-    def update(self, layer: int, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write keys and values k, v (B, nh, T, hs) of `layer` at positions `input_pos` (T,); return the layer's
-        keys and values (B, nh, block_size, hs) to attend over."""
-        kv = self.kv[layer]
-        kv.index_copy_(3, input_pos, torch.stack((k, v)).to(kv.dtype))  # (2, B, nh, T, hs) into (2, .., block_size, hs)
-        return kv[0], kv[1]
-
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
-        """Attention (B, nh, T, hs) of queries q (B, nh, T, hs) at positions `input_pos` (T,) over the cache,
-        the new keys and values k, v written into it first (update)."""
-        k, v = self.update(layer, input_pos, k, v)  # each (B, nh, block_size, hs)
-        mask = self.mask[input_pos][None, None]  # (1, 1, T, block_size)
-        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask.to(q.dtype))
