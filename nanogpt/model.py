@@ -69,7 +69,7 @@ class KVCache:
         """Attention (B, nh, T, hs) of queries q (B, nh, T, hs) at positions `input_pos` (T,) over the cache,
         the new keys and values k, v written into it first (update)."""
         k, v = self.update(layer, input_pos, k, v)  # each (B, nh, block_size, hs)
-        mask = self.mask[input_pos][None, None]  # (1, 1, T, block_size)
+        mask = self.mask.index_select(0, input_pos)  # (T, block_size), the same for every sequence and head
         return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask.to(q.dtype))
 
 
@@ -89,10 +89,8 @@ class CausalSelfAttention(nn.Module):
         """x (B, T, C) at positions `input_pos` (T,). Without a cache each position attends to itself and the
         positions before it; with one, to the positions in the cache up to its own, its key and value added."""
         B, T, C = x.shape  # batch size, sequence length, embedding size (n_embd)
-        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        qkv = self.c_attn(x)  # (B, T, 3C): the queries, keys and values of every head, side by side
+        q, k, v = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
         if self.qk_norm:
             q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         if self.rotary is not None:
