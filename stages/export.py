@@ -4,14 +4,14 @@ command, not a pipeline stage, so that it does not add seconds to every experime
 
 from pathlib import Path
 
-from nanogpt import stage
+from nanogpt import cli
 from nanogpt.errors import exit_on_user_error
 from nanogpt.export import export_checkpoint
 
 
 @exit_on_user_error
 def main() -> None:
-    p = stage.parser(__doc__)
+    p = cli.parser(__doc__)
     p.add_argument("--checkpoint", type=Path, default=Path("out/ckpt.pt"), help="default: out/ckpt.pt")
     p.add_argument(
         "--metrics",
@@ -21,7 +21,7 @@ def main() -> None:
     )
     p.add_argument("--output", type=Path, default=Path("out/hf"), help="the folder to (re)write (default: out/hf)")
     args = p.parse_args()
-    export_checkpoint(args.checkpoint, args.metrics, stage.config(args), args.output)
+    export_checkpoint(args.checkpoint, args.metrics, cli.config(args), args.output)
     print(f"exported {args.checkpoint} to {args.output}/")
 
 

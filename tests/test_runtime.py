@@ -1,17 +1,49 @@
 """nanogpt/runtime.py: which device a run gets, and how a CUDA that fails to start is reported (one line, never
-torch's two-line warning)."""
+torch's two-line warning); where torch.compile keeps its caches (one folder of the user's, outside every
+workspace)."""
 
+import os
 import subprocess
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import PROJECT_ROOT
+from nanogpt import runtime
 from nanogpt.errors import UserError
 from nanogpt.runtime import resolve_device
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ("NANOGPT_COMPILE_CACHE", "XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_the_compile_cache_is_in_the_users_cache_folder(clean_env, tmp_path):
+    clean_env.setenv("HOME", str(tmp_path))
+    assert runtime.compile_cache() == tmp_path / ".cache" / "nanogpt-dvc" / "compile"
+    clean_env.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert runtime.compile_cache() == tmp_path / "xdg" / "nanogpt-dvc" / "compile"
+    clean_env.setenv("NANOGPT_COMPILE_CACHE", str(tmp_path / "mine"))
+    assert runtime.compile_cache() == tmp_path / "mine"
+
+
+def test_use_compile_cache_points_inductor_and_triton_there_unless_set(clean_env, tmp_path):
+    clean_env.setenv("NANOGPT_COMPILE_CACHE", str(tmp_path / "c"))
+    clean_env.setenv("TRITON_CACHE_DIR", str(tmp_path / "users-triton"))
+    runtime.use_compile_cache()
+    assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) == tmp_path / "c" / "inductor"
+    assert Path(os.environ["TRITON_CACHE_DIR"]) == tmp_path / "users-triton"  # the user's setting wins
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    assert Path(cache_dir()) == tmp_path / "c" / "inductor"  # where inductor itself now writes
+
 
 # torch's words when CUDA is installed but cannot start, here under an 8 GiB address-space limit on an H100
 CUDA_OUT_OF_MEMORY = (
