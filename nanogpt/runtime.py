@@ -3,29 +3,59 @@
 import contextlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 from nanogpt.config import DEVICE_PATTERN
-from nanogpt.errors import UserError
+from nanogpt.errors import UserError, warn
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def _cuda_devices() -> tuple[int, str | None]:
+    """How many CUDA devices torch can use here, and, where it can use none although CUDA is installed, why.
+
+    CUDA that is installed but cannot start (a driver too old for torch, no memory for its context under an
+    address-space limit) makes torch warn on stderr, in two lines, and report no device; that warning is caught
+    here and returned as the reason, for the caller's one line. (torch warns the first time only.)
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count:
+        for warning in caught:  # not a failure to start: let it through as torch would have
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        return count, None
+    # torch's wording: "CUDA initialization: <why> (Triggered internally at <file>:<line>.)"
+    reasons = [
+        " ".join(str(warning.message).removeprefix("CUDA initialization: ").split(" (Triggered internally")[0].split())
+        for warning in caught
+    ]
+    return 0, "; ".join(reasons) or None
+
+
 def resolve_device(name: str, local_rank: int | None = None, setting: str = "train.device") -> torch.device:
     """`auto` picks cuda, then mps, then cpu; a malformed name or a device this machine lacks is a UserError
-    that names `setting` (the param or flag the name came from)."""
+    that names `setting` (the param or flag the name came from). CUDA that is installed but fails to start is
+    that error for `cuda`, and for `auto` one `warning:` line before the fallback: never torch's own warning."""
     if not DEVICE_PATTERN.match(name):
         raise UserError(f"{setting} must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        count, failure = _cuda_devices()
+        name = "cuda" if count else "mps" if torch.backends.mps.is_available() else "cpu"
+        if failure:
+            warn(f"{setting} is 'auto' and CUDA failed to start ({failure}): running on {name}")
     if name.startswith("cuda"):
-        if not torch.cuda.is_available():
+        count, failure = _cuda_devices()
+        if failure:
+            raise UserError(f"{setting} is {name!r} but CUDA failed to start ({failure}): use auto or cpu")
+        if not count:
             raise UserError(f"{setting} is {name!r} but this machine has no CUDA device: use auto or cpu")
         index = int(name.split(":")[1]) if ":" in name else (local_rank or 0)
-        if index >= torch.cuda.device_count():
-            raise UserError(f"{setting} is {name!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+        if index >= count:
+            raise UserError(f"{setting} is {name!r} but only {count} CUDA device(s) exist")
         return torch.device("cuda", index)
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"{setting} is 'mps' but MPS is not available here: use auto or cpu")

@@ -3,7 +3,8 @@ git + DVC repository, plus helpers that drive the real `dvc` and `git` CLIs in i
 
 Nothing here touches the network: the pipeline's `data.url` points at a server on 127.0.0.1. Nothing here reads the
 workspace's params.yaml either: the tests own their params (TINY_PARAMS), so editing it changes no test but
-the few that pin its defaults on purpose (workspace_params).
+the few that pin its defaults on purpose (workspace_params, marked `defaults`: CI runs them on its fresh clone,
+and `python -m pytest` leaves them out, as it leaves out the `slow` ones; pyproject.toml's addopts).
 
     def test_something(project):                 # fresh copy, params committed, nothing run yet
         result = dvc(project, "repro")
@@ -361,11 +362,26 @@ def tiny_config(overrides: dict[str, Any] | None = None) -> Config:
     return config_from_dict(nested({**TINY_PARAMS, **(overrides or {})}))
 
 
+_workspace_params_reads: list[str] = []  # the tests that called workspace_params, while they run
+
+
 def workspace_params() -> Path:
     """The repository's own params.yaml. Only for the tests that pin its defaults on purpose (the documented
-    defaults, the schema, configs/*.args); every other test runs on TINY_PARAMS, so editing the workspace file
-    changes nothing else."""
+    defaults, the schema, configs/*.args), marked `defaults` (only_defaults_tests_read_the_workspace_params sees
+    to it); every other test runs on TINY_PARAMS, so editing the workspace file changes nothing else."""
+    _workspace_params_reads.append(os.environ.get("PYTEST_CURRENT_TEST", ""))
     return PROJECT_ROOT / "params.yaml"
+
+
+@pytest.fixture(autouse=True)
+def only_defaults_tests_read_the_workspace_params(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fails a test that reads the workspace's params.yaml without the `defaults` marker: after a `dvc exp run`
+    (the README's CPU quick start, say) that file holds the user's values, and `python -m pytest`, which leaves
+    the marked tests out, must still pass."""
+    _workspace_params_reads.clear()
+    yield
+    if _workspace_params_reads and request.node.get_closest_marker("defaults") is None:
+        pytest.fail("reads the workspace's params.yaml (workspace_params) but is not marked `defaults`")
 
 
 def set_params(path: Path, overrides: dict[str, Any], new_keys: bool = False) -> None:

@@ -32,6 +32,7 @@ from conftest import (
     skipped_stages,
     snapshot,
     tool_env,
+    workspace_params,
 )
 
 OUTPUTS = (
@@ -353,11 +354,12 @@ def _flat(params: dict) -> dict[str, object]:
     return {f"{section}.{key}": _number_or_text(v) for section, keys in params.items() for key, v in keys.items()}
 
 
+@pytest.mark.defaults  # reads the workspace's params.yaml as the shipped defaults
 @pytest.mark.parametrize("quick_start", ["gpu", "cpu"])
 def test_readme_examples_change_what_they_set_after_either_quick_start(quick_start: str) -> None:
     """Run in order from the state a quick start leaves (params.yaml's defaults, or those with configs/cpu.args),
     every `-S key=value` of the README's examples sets a new value: none is a no-op that reruns nothing."""
-    state = _flat(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8")))
+    state = _flat(yaml.safe_load(workspace_params().read_text(encoding="utf-8")))
     if quick_start == "cpu":
         cpu_args = (PROJECT_ROOT / "configs/cpu.args").read_text(encoding="utf-8").split()
         state.update((k, _number_or_text(v)) for k, v in (a.split("=", 1) for a in cpu_args if a != "-S"))

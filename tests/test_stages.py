@@ -625,14 +625,16 @@ _CAPPED = (
 
 
 def run_capped(project: Path, stage: str, args: list[str]) -> tuple[subprocess.CompletedProcess, int]:
-    """`python -m stages.<stage> *args` in `project` with its address space capped; the result and its peak RSS
-    in bytes (of this child alone, from wait4)."""
+    """`python -m stages.<stage> *args` in `project` with its address space capped, on the CPU; the result and its
+    peak RSS in bytes (of this child alone, from wait4)."""
     cmd = [sys.executable, "-m", f"stages.{stage}", *args]
+    # no GPU for it: CUDA cannot start under the cap (test_runtime.py's GPU test checks what a stage says then)
+    env = {**tool_env(project), "CUDA_VISIBLE_DEVICES": ""}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(
             [sys.executable, "-c", _CAPPED.format(ADDRESS_SPACE), *cmd],
             cwd=project,
-            env=tool_env(project),
+            env=env,
             stdout=out,
             stderr=err,
         )
