@@ -219,8 +219,9 @@ def generation_config(sample: SampleConfig, block_size: int) -> dict[str, Any]:
         **gen,
         "do_sample": True,
         "temperature": sample.temperature,
-        # top_k 0 and top_p 1.0 switch the filters off (transformers' own default top_k is 50)
-        "top_k": sample.top_k or 0,
+        # null top_k and top_p 1.0 switch the filters off (transformers 4's own default top_k is 50); a 0 would make
+        # transformers warn at every greedy call, which ignores it
+        "top_k": sample.top_k,
         "top_p": sample.top_p if sample.top_p is not None else 1.0,
     }
 
