@@ -57,10 +57,10 @@ def model_card(
 
 # nanogpt-dvc ({kind})
 
-A {kind} GPT trained by the nanogpt-dvc DVC pipeline (`download -> encode -> train -> sample`) and exported by its
-`export` stage as transformers' `{hf_class}`: {model.num_params():,} parameters, {m.n_layer} layers, {m.n_head}
-heads, {m.n_embd}-wide embeddings, a context of {m.block_size} tokens and a vocabulary of {model.vocab_size} tokens.
-In fp32 the exported model gives the same logits as the project's own, to within rounding.
+A {kind} GPT trained by the nanogpt-dvc DVC pipeline (`download -> encode -> train -> sample -> export`),
+loaded by transformers as `{hf_class}`: {model.num_params():,} parameters, {m.n_layer} layers, {m.n_head} heads,
+{m.n_embd}-wide embeddings, a context of {m.block_size} tokens and a vocabulary of {model.vocab_size} tokens. In fp32
+the exported model gives the same logits as the project's own, to within rounding.
 
 ## Architecture
 
@@ -103,8 +103,9 @@ print(tokenizer.decode(ids[0]))
 
 `generation_config.json` holds the pipeline's sample settings: {_length(cfg, m.block_size)}, and, without
 `do_sample=False`, temperature {cfg.sample.temperature}, top_k {cfg.sample.top_k} and top_p {cfg.sample.top_p}.
-Greedy, the text is the one `python stages/sample.py --temperature 0 --quantize none` writes for the same prompt
-and length (int8 weights, the sample stage's default on a CPU, can change a few choices).
+Greedy, the text is the one `python stages/sample.py --temperature 0 --quantize none --device cpu` writes for the
+same prompt and length: both in fp32 (the sample stage's int8 weights on a CPU or bf16 on a GPU can change a few
+choices).
 
 ## Limitations
 
