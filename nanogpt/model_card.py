@@ -167,7 +167,8 @@ def refusal_card(reason: str) -> str:
 
 This checkpoint has no Hugging Face export: {reason}.
 
-`out/ckpt.pt` is unchanged and the project's own tools use it (`python stages/sample.py`).
+A model that loads without error but computes something else would be worse than none, so the export writes only
+this file; the pipeline goes on.
 """
 
 
