@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 
 from nanogpt import files
-from nanogpt.config import ModelConfig, problems
+from nanogpt.config import model_config
 from nanogpt.errors import UserError
 from nanogpt.model import GPT, NANOGPT_ARCHITECTURE
 from nanogpt.tokenizer import Tokenizer, tokenizer_from_dict
@@ -60,12 +59,12 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tup
         raise UserError(f"checkpoint {path} is incomplete: {', '.join(malformed)}: retrain with `dvc repro train`")
     try:
         # a checkpoint from before an architecture option existed was made without it
-        model = GPT(ModelConfig(**{**NANOGPT_ARCHITECTURE, **ckpt["model_config"]}), ckpt["vocab_size"])
+        model = GPT(model_config({**NANOGPT_ARCHITECTURE, **ckpt["model_config"]}), ckpt["vocab_size"])
         model.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, RuntimeError) as exc:
         raise UserError(f"checkpoint {path} does not match the model code: {str(exc).splitlines()[0]}") from None
-    except ValidationError as exc:  # a model_config key that the code no longer has, lacks, or rejects
-        raise UserError(f"checkpoint {path} does not match the model code: {'; '.join(problems(exc))}") from None
+    except UserError as exc:  # a model_config key that the code no longer has, lacks, or rejects
+        raise UserError(f"checkpoint {path} does not match the model code: {exc}") from None
     try:
         tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
     except ValueError as exc:

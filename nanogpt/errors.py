@@ -4,6 +4,7 @@ warnings, out-of-memory errors turned into the settings to lower, and the way a 
 import contextlib
 import functools
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from typing import NoReturn, TypeVar
@@ -16,10 +17,15 @@ class UserError(Exception):
 
 
 def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
-    """Run `main`; a UserError becomes `error: <message>` on stderr and exit status 2."""
+    """Run `main`; a UserError becomes `error: <message>` on stderr and exit status 2.
+
+    Ctrl-C raises KeyboardInterrupt again from here on (the stages package ends the process at once while the stage
+    imports), so that the stage's own handling (run_and_exit, training's resume state) decides what it does."""
 
     @functools.wraps(main)
     def wrapper(*args: object, **kwargs: object) -> T:
+        if signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, signal.default_int_handler):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             return main(*args, **kwargs)
         except UserError as exc:

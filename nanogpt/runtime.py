@@ -43,13 +43,35 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_compile(setting: bool | str, device: torch.device, captured: bool = False) -> bool:
-    """`auto` compiles on CUDA under Linux, where torch.compile's Triton backend is at home, unless the step is
-    captured whole (`captures_step`): the graph already removes the launch overhead, and compiling would cost
-    more start-up than its fused kernels save in a run of this project's size (BENCHMARKS.md)."""
+def resolve_compile(setting: bool | str, device: torch.device) -> bool:
+    """`auto` compiles on CUDA under Linux, where torch.compile's Triton backend is at home: inside the captured
+    step (nanogpt/step.py) too, where inductor's fused kernels make the step about 1.7x faster (BENCHMARKS.md).
+    The first run on a machine pays the compilation once; compile_cache() keeps it for every later run."""
     if setting == "auto":
-        return device.type == "cuda" and sys.platform.startswith("linux") and not captured
+        return device.type == "cuda" and sys.platform.startswith("linux")
     return bool(setting)
+
+
+def compile_cache() -> Path:
+    """The one folder that keeps torch.compile's caches (inductor's compiled graphs, Triton's kernels) for every run
+    of this user: `$NANOGPT_COMPILE_CACHE`, else `$XDG_CACHE_HOME/nanogpt-dvc/compile` (`~/.cache/...`).
+
+    Outside the repository, so DVC never sees it and every workspace shares it: `dvc exp run`, and the temporary
+    workspaces of `dvc exp run --queue` and `--temp`, all find what an earlier run compiled, and an experiment with
+    the same shapes compiles nothing. The caches hold code that torch loads, so the folder is the user's own
+    (never a shared temporary folder). TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR, when set, win.
+    """
+    if folder := os.environ.get("NANOGPT_COMPILE_CACHE"):
+        return Path(folder).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "nanogpt-dvc" / "compile"
+
+
+def use_compile_cache() -> None:
+    """Point torch.compile's caches at compile_cache(), unless the user pointed them elsewhere."""
+    folder = compile_cache()
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
 
 
 def autocast(device: torch.device, dtype: torch.dtype, cache: bool = True) -> contextlib.AbstractContextManager:

@@ -251,7 +251,7 @@ class Trainer:
             f"{self.model.num_params() / 1e6:.2f}M parameters on {device} ({str(dtype)[6:]}), "
             f"{self.tokens_per_step:,} tokens per step, ready {self.elapsed():.1f} s after launch"
         )
-        self.compiled = runtime.resolve_compile(train.compile, device, self.captured)
+        self.compiled = runtime.resolve_compile(train.compile, device)
         # off the GPU a host check costs nothing: stop before a non-finite update
         check = (
             None if device.type == "cuda" else lambda loss, norm: self._check_finite(self.step, loss[None], norm[None])

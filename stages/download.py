@@ -1,20 +1,19 @@
-"""Stage 1: fetch the corpus at data.url, verify data.sha256, write data/input.txt atomically."""
+"""Stage 1: fetch the text at data.url, verify data.sha256, and write it atomically."""
 
-from pathlib import Path
-
-from nanogpt import files, stage
+from nanogpt import cli, files
 from nanogpt.download import download
 from nanogpt.errors import exit_on_user_error, run_and_exit
-
-OUTPUT = Path("data/input.txt")
 
 
 @exit_on_user_error
 def main() -> None:
-    cfg = stage.config(stage.parser(__doc__).parse_args())
-    files.check_writable(OUTPUT, "the corpus")
-    size = download(cfg.data, OUTPUT)
-    print(f"wrote {OUTPUT} ({size:,} bytes, sha256 verified)")
+    p = cli.parser(__doc__)
+    cli.path(p, "--output", "data/input.txt", "where the text goes")
+    args = p.parse_args()
+    cfg = cli.config(args)
+    files.check_writable(args.output, "the corpus")
+    size = download(cfg.data, args.output)
+    print(f"wrote {args.output} ({size:,} bytes, sha256 verified)")
 
 
 if __name__ == "__main__":

@@ -8,14 +8,14 @@ prints one `warning:` line."""
 import sys
 from pathlib import Path
 
-from nanogpt import stage
+from nanogpt import cli
 from nanogpt.errors import exit_on_user_error, run_and_exit
 from nanogpt.export import export_checkpoint
 
 
 @exit_on_user_error
 def main() -> None:
-    p = stage.parser(__doc__)
+    p = cli.parser(__doc__)
     p.add_argument("--checkpoint", type=Path, default=Path("out/ckpt.pt"), help="default: out/ckpt.pt")
     p.add_argument(
         "--metrics",
@@ -25,7 +25,7 @@ def main() -> None:
     )
     p.add_argument("--output", type=Path, default=Path("out/hf"), help="the folder to (re)write (default: out/hf)")
     args = p.parse_args()
-    refused = export_checkpoint(args.checkpoint, args.metrics, stage.config(args), args.output)
+    refused = export_checkpoint(args.checkpoint, args.metrics, cli.config(args), args.output)
     if refused is None:
         print(f"exported {args.checkpoint} to {args.output}/")
     else:

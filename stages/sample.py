@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from nanogpt import stage
+from nanogpt import cli
 from nanogpt.errors import exit_on_user_error, run_and_exit
 from nanogpt.sample_stage import SampleRun, run_sampling
 
@@ -23,16 +23,16 @@ FLAGS: dict[str, tuple[Callable[[str], object], str]] = {
     "num_tokens": (int, "overrides sample.num_tokens"),
     "num_samples": (int, "overrides sample.num_samples"),
     "temperature": (float, "overrides sample.temperature; 0 is greedy"),
-    "top_k": (stage.optional(int), "overrides sample.top_k; none: off"),
-    "top_p": (stage.optional(float), "overrides sample.top_p; none: off"),
+    "top_k": (cli.optional(int), "overrides sample.top_k; none: off"),
+    "top_p": (cli.optional(float), "overrides sample.top_p; none: off"),
     "seed": (int, "overrides sample.seed"),
-    "quantize": (stage.optional(str), "overrides sample.quantize: auto (int8 on a CPU, off on a GPU), int8 or none"),
+    "quantize": (cli.optional(str), "overrides sample.quantize: auto (int8 on a CPU, off on a GPU), int8 or none"),
 }
 
 
 @exit_on_user_error
 def main() -> None:
-    p = stage.parser(__doc__)
+    p = cli.parser(__doc__)
     p.add_argument("--checkpoint", type=Path, default=Path("out/ckpt.pt"), help="default: out/ckpt.pt")
     p.add_argument("--vocab", type=Path, help="check the checkpoint's vocabulary against this file")
     p.add_argument("--output", type=Path, help="write all samples here (the stage writes out/samples.txt)")
@@ -49,7 +49,7 @@ def main() -> None:
     )
     args = p.parse_args()
     overrides = {f"sample.{k}": v for k, v in vars(args).items() if k in FLAGS or k == "compile"}
-    cfg = stage.config(args, overrides).sample
+    cfg = cli.config(args, overrides).sample
     run = SampleRun(args.checkpoint, args.vocab, args.output, args.metrics, args.device)
     run_sampling(cfg, run, stream=sys.stdout if args.output is None or sys.stdout.isatty() else None)
 

@@ -48,6 +48,7 @@ PROJECT_FILES = (
     "data/.gitignore",
     "out/.gitignore",
     "metrics/README.md",
+    "vendor/vega/template.html",  # the plots page, with its scripts (.dvc/config's plots.html_template)
 )
 PROJECT_PACKAGES = ("stages", "nanogpt")
 

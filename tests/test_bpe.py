@@ -188,7 +188,7 @@ def tiny_run(root: Path, kind: str) -> TinyRun:
             "train.eval_interval": 2,
             "train.eval_iters": None,
             "train.resume_interval": 0,
-            "model.rope": True,  # the default architecture (#14)
+            "model.rope": True,  # the default architecture
             "train.ema": 0.5,
         },
     )

@@ -13,7 +13,7 @@ import math
 import re
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
@@ -133,12 +133,27 @@ def test_encode_param_reruns_everything_but_download(reproduced_project: Path) -
 # A bad value in each section of params.yaml, set as a user does with `dvc exp run -S`, and an emptied params.yaml;
 # each with what its one-line error says.
 BAD_PARAMS = {
-    "data": (["-S", "data.timeout=0"], "data.timeout must be > 0, got 0.0"),
-    "encode": (["-S", "encode.val_fraction=1.5"], "encode.val_fraction must be in (0, 1), got 1.5"),
+    "data": (["-S", "data.timeout=0"], "data.timeout must be greater than 0, got 0.0"),
+    "encode": (["-S", "encode.val_fraction=1.5"], "encode.val_fraction must be less than 1, got 1.5"),
     "model": (["-S", "model.n_head=5"], "model.n_embd (32) must be divisible by model.n_head (5)"),
-    "train": (["-S", "train.batch_size=0"], "train.batch_size must be >= 1, got 0"),
-    "sample": (["-S", "sample.top_k=abc"], "sample.top_k must be an integer or null, got 'abc'"),
+    "train": (["-S", "train.batch_size=0"], "train.batch_size must be greater than or equal to 1, got 0"),
+    "sample": (
+        ["-S", "sample.top_k=abc"],
+        "sample.top_k must be a valid integer, got 'abc' (keep the k likeliest tokens; null: off)",
+    ),
     "empty params.yaml": ([], "params.yaml must hold a mapping of sections"),
+    # values that pass the types but cannot work, as `-S` writes them: '' for an empty value, .inf and .nan
+    "empty prompt": (["-S", "sample.prompt="], "sample.prompt is empty, got ''"),
+    "infinite learning rate": (
+        ["-S", "train.learning_rate=inf"],
+        "train.learning_rate must be a finite number, got inf",
+    ),
+    "nan weight decay": (["-S", "train.weight_decay=nan"], "train.weight_decay must be a finite number, got nan"),
+    "infinite timeout": (["-S", "data.timeout=inf"], "data.timeout must be a finite number, got inf"),
+    "temperature too small to divide by": (
+        ["-S", "sample.temperature=1e-40"],
+        "sample.temperature must be 0 (greedy) or at least 0.0001, got 1e-40: use 0 for greedy",
+    ),
 }
 
 
@@ -186,7 +201,7 @@ def test_bad_params_fail_a_targeted_experiment_with_a_frozen_download_stage(repr
 
     result = dvc(project, "exp", "run", "train", "-S", "train.batch_size=0", check=False)
 
-    assert_stopped_by_validate(result, "train.batch_size must be >= 1, got 0")
+    assert_stopped_by_validate(result, "train.batch_size must be greater than or equal to 1, got 0")
     assert snapshot(project) == last_good_run, "an output of the last good run was changed or deleted"
 
 
@@ -287,6 +302,21 @@ def test_stage_code_deps_are_complete(stage: str) -> None:
         f for f in loaded if f not in deps and not (f.endswith("__init__.py") and _is_docstring_only(PROJECT_ROOT / f))
     ]
     assert not missing, f"dvc.yaml stage {stage!r} does not list code it imports: {missing}"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_names_its_files_in_its_cmd(stage: str) -> None:
+    """dvc.yaml alone shows the data flow: each file a stage reads or writes, other than its code, is a word of its
+    cmd, or the folder that holds it is (train's --data data); no stage relies on a path its code chooses."""
+    spec = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"][stage]
+    words = set(spec["cmd"].split())
+    # out/params.ok orders a stage after validate; the stage does not read it
+    paths = [dep for dep in spec["deps"] if not dep.endswith(".py") and dep != "out/params.ok"]
+    for kind in ("outs", "metrics", "plots"):
+        paths += [next(iter(out)) if isinstance(out, dict) else out for out in spec.get(kind, [])]
+
+    unnamed = [path for path in paths if not {path, *map(str, PurePosixPath(path).parents)} & words]
+    assert not unnamed, f"dvc.yaml stage {stage!r} does not name {unnamed} in its cmd"
 
 
 @pytest.mark.slow

@@ -242,7 +242,7 @@ def test_kill_and_resume_matches_uninterrupted_run(
     assert not (fresh_project / "out" / "resume").exists()
 
 
-# #14's options, all on: the weight average and the options' buffers must come back exactly too
+# the architecture and training options, all on: the weight average and the options' buffers must come back exactly too
 EVERY_OPTION = {
     "model.rope": True,
     "model.qk_norm": True,

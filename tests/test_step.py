@@ -103,11 +103,10 @@ def test_when_the_whole_step_is_captured(compile_mode, dtype, world_size, checkp
     assert runtime.captures_step(compile_mode, torch.device("cpu"), dtype, world_size, checkpointing) is False
 
 
-def test_auto_compiles_only_what_is_not_captured():
-    linux = sys.platform.startswith("linux")
-    assert runtime.resolve_compile("auto", CUDA, captured=False) is linux
-    assert runtime.resolve_compile("auto", CUDA, captured=True) is False
-    assert runtime.resolve_compile(True, CUDA, captured=True) is True
+def test_auto_compiles_on_cuda_under_linux_captured_or_not():
+    assert runtime.resolve_compile("auto", CUDA) is sys.platform.startswith("linux")
+    assert runtime.resolve_compile(False, CUDA) is False
+    assert runtime.resolve_compile(True, torch.device("cpu")) is True
     assert runtime.resolve_compile("auto", torch.device("cpu")) is False
 
 

@@ -1,4 +1,4 @@
-"""What every stage entrypoint shares: the --params flag and the one-line error handling."""
+"""The stages' shared command line: the --params flag, path flags, and bad flags reported as one `error:` line."""
 
 import argparse
 from collections.abc import Callable
@@ -42,5 +42,12 @@ def optional(kind: Callable[[str], T]) -> Callable[[str], T | None]:
     return convert
 
 
+def path(p: argparse.ArgumentParser, flag: str, default: str, what: str) -> None:
+    """A flag for one of the stage's files (`--output data/input.txt`); dvc.yaml names each in the stage's cmd, so
+    the default is only for running the stage by hand."""
+    p.add_argument(flag, type=Path, default=Path(default), help=f"{what} (default: {default})")
+
+
 def config(args: argparse.Namespace, overrides: dict[str, object] | None = None) -> Config:
+    """params.yaml (--params) with `overrides`, validated; a UserError lists every problem."""
     return load_config(args.params, overrides)
