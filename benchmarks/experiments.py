@@ -44,7 +44,14 @@ def scratch_repo(source: Path, dest: Path, data_url: str) -> Path:
     """A fresh git repository holding `source`'s tracked files (all its files if it is no git checkout, e.g.
     a `git archive` of an older commit), its data.url pointed at `data_url`."""
     if (source / ".git").exists():
-        listing = subprocess.run(["git", "ls-files"], cwd=source, capture_output=True, text=True, check=True).stdout
+        # tracked and untracked-but-not-ignored files: what the checkout holds now, whatever its index says
+        listing = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+            cwd=source,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         names = listing.splitlines()
     else:
         names = [str(p.relative_to(source)) for p in source.rglob("*") if p.is_file()]

@@ -3,7 +3,7 @@ reference (nanoGPT's way) at batch 1, on the same card.
 
     python -m benchmarks.sample --checkpoint out/ckpt.pt --name h100-sample
 
-Each setting runs three times: the first includes warm-up (CUDA graph capture, allocator), the third is
+Each setting runs three times with one Engine: the first includes warm-up (CUDA graph capture, allocator), the third is
 reported as steady. `cold_start_s` is the time from the start of main() (Python and torch loaded, the GPU
 untouched) to the end of the process's first generation: device start-up, checkpoint load, warm-up and the
 first num_tokens tokens at batch 1. `--int8` adds rows with int8 weights (sample.quantize: int8, CPU only).
@@ -24,10 +24,10 @@ import torch
 
 from nanogpt import runtime
 from nanogpt.checkpoint import load_checkpoint
-from nanogpt.engine import generate
 from nanogpt.errors import exit_on_user_error
-from nanogpt.generate import SamplingParams, generate_reference
+from nanogpt.generate import Engine
 from nanogpt.quantize import quantize_int8
+from nanogpt.sampling import SamplingParams, generate_reference
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
@@ -67,26 +67,28 @@ def main() -> None:
     model = model.to(dtype)
     params = SamplingParams(temperature=1.0, top_k=args.top_k, top_p=None)
     prompt = tokenizer.encode("\n")
-    compiled = functools.partial(generate, compile=True)
-    generators = {"kv-cache": (model, generate)}  # name -> (model, generator)
+    generators = {"kv-cache": (model, False)}  # name -> (model, compile)
     if args.compile:
-        generators["kv-cache+compile"] = (model, compiled)
+        generators["kv-cache+compile"] = (model, True)
     if args.int8:
         int8 = quantize_int8(copy.deepcopy(model))
-        generators["kv-cache+int8"] = (int8, generate)
+        generators["kv-cache+int8"] = (int8, False)
         if args.compile:
-            generators["kv-cache+int8+compile"] = (int8, compiled)
+            generators["kv-cache+int8+compile"] = (int8, True)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     settings = [(kind, b) for kind in generators for b in batches]
     if args.reference:
-        generators["reference"] = (model, generate_reference)
         settings.append(("reference", 1))
     rows, cold_start = [], None
     for kind, batch in settings:
-        m, fn = generators[kind]
+        if kind == "reference":
+            run = functools.partial(generate_reference, model, prompt, args.num_tokens, batch, params)
+        else:  # one engine for the three runs, as a caller that samples again keeps it: later runs replay its graphs
+            m, compile = generators[kind]
+            run = functools.partial(Engine(m, batch, params, compile).generate, prompt, args.num_tokens)
         seconds = []
         for i in range(3):
-            seconds.append(timed(functools.partial(fn, m, prompt, args.num_tokens, batch, params, seed=i), device))
+            seconds.append(timed(functools.partial(run, seed=i), device))
             if cold_start is None:
                 cold_start = round(time.perf_counter() - launched, 3)
         row = {

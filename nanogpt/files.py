@@ -92,3 +92,42 @@ def torch_load(path: Path | str, what: str) -> Any:
             f"{what} {path} is corrupt or not a file this project wrote (torch could not read it as plain tensors "
             "and numbers): write it again with the stage that makes it"
         ) from None
+
+
+class AtomicTextFile:
+    """A text file written piece by piece, as a stage produces it, into a temporary file beside `path` that
+    replaces `path` when the `with` block ends without an exception (atomic_open). A write that fails (a full
+    disk, a size limit) raises UserError `cannot write PATH: REASON` then and there; `path` keeps its old content."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._opening = atomic_open(self.path, "w")
+
+    def __enter__(self) -> "AtomicTextFile":
+        with self._as_user_error():
+            self._file = self._opening.__enter__()
+        return self
+
+    def write(self, text: str) -> None:
+        with self._as_user_error():
+            self._file.write(text)
+
+    def flush(self) -> None:
+        with self._as_user_error():
+            self._file.flush()
+
+    def __exit__(self, *exc_info: Any) -> bool | None:
+        if exc_info[0] is not None:  # the block failed: the temporary file goes, the block's exception goes on
+            try:
+                return self._opening.__exit__(*exc_info)
+            except OSError:  # closing it failed as its write did (the rest of the buffer): not the news
+                raise exc_info[1] from None
+        with self._as_user_error():
+            return self._opening.__exit__(None, None, None)
+
+    @contextlib.contextmanager
+    def _as_user_error(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            raise UserError(f"cannot write {self.path}: {exc.strerror or exc}") from None

@@ -1,16 +1,19 @@
 """The door to the fast decode attention: one Triton kernel that writes a decode step's new key and value into
-the KV cache and attends, fused.
+the KV cache and attends, fused; and FusedDecodeCache, the KV cache whose decode steps take it.
 
 A decode step at batch 1 is a chain of tiny kernels, each bound by its launch and start-up latency rather
 than by its work; per layer this kernel takes the place of two (the cache write, then SDPA). BENCHMARKS.md
 has the timings. `decode_attention_supported` says where it runs: on a GPU with Triton. Elsewhere (CPU-only
-installs, macOS, Windows, older GPUs) it is False, and the model writes the cache and calls SDPA itself.
+installs, macOS, Windows, older GPUs) it is False, and generation uses model.KVCache, which writes the cache
+and calls SDPA.
 """
 
 import functools
 
 import torch
 from torch import Tensor
+
+from nanogpt.model import KVCache
 
 try:
     import triton
@@ -19,18 +22,30 @@ except ImportError:  # the CPU build of torch comes without Triton
     triton = None
 
 
-def decode_attention_supported(kv: Tensor) -> bool:
-    """Whether `decode_attention` can run on this cache: on a CUDA device that Triton supports, in one buffer
-    of 16 or 32-bit floats, with a power-of-two head size."""
-    head_size = kv.size(-1)
+def decode_attention_supported(device: torch.device, dtype: torch.dtype, head_size: int) -> bool:
+    """Whether `decode_attention` can run on a cache on `device` in `dtype` with heads of `head_size`: a CUDA
+    device that Triton supports, 16 or 32-bit floats, a power-of-two head size."""
     return (
         triton is not None
-        and kv.is_cuda
-        and _triton_supports(kv.device.index or 0)
-        and kv.is_contiguous()
+        and device.type == "cuda"
+        and _triton_supports(device.index or 0)
         and head_size & (head_size - 1) == 0
-        and kv.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and dtype in (torch.float16, torch.bfloat16, torch.float32)
     )
+
+
+class FusedDecodeCache(KVCache):
+    """A KVCache whose decode steps (one position per sequence) write and attend in one `decode_attention`
+    kernel; longer steps (a prefill) take KVCache's path. For the devices, dtypes and head sizes for which
+    decode_attention_supported holds."""
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
+        B, nh, T, hs = q.shape
+        if T != 1:
+            return super().attend(layer, q, k, v, input_pos)
+        qkv = torch.stack((q, k, v), dim=1).view(B, 1, 3 * nh * hs)  # (B, 3, nh, 1, hs) -> (B, 1, 3C): c_attn's layout
+        y = decode_attention(qkv, self.kv[layer], input_pos)  # (B, 1, C), heads side by side
+        return y.view(B, 1, nh, hs).transpose(1, 2)  # (B, nh, 1, hs)
 
 
 @functools.cache
@@ -43,7 +58,7 @@ def decode_attention(qkv: Tensor, kv: Tensor, position: Tensor) -> Tensor:
 
     qkv (B, 1, 3C): the new position's query, key and value, heads side by side (c_attn's output); converted
     to the cache's dtype.
-    kv (2, B, H, max_len, hs): the cache, for which decode_attention_supported holds; position (1,): where
+    kv (2, B, H, max_len, hs): the cache, contiguous, for which decode_attention_supported holds; position (1,): where
     the new key and value go. Each query sees the keys at positions 0..position. Returns (B, 1, C), heads
     side by side, in the cache's dtype.
     """

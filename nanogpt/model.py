@@ -1,16 +1,14 @@
 """The GPT of Karpathy's nanoGPT: pre-norm blocks of causal self-attention and a GELU MLP, tied LM head.
 
-Beyond nanoGPT: optional gradient checkpointing of the blocks, and a key/value cache for generation (KVCache,
-at the end: static shapes, so that a decode step can be compiled and captured as a CUDA graph). The fast path
-is one call: a decode step of one position per sequence goes to `nanogpt.kernels.decode_attention`, which writes
-the new key and value into the cache and attends in one fused GPU kernel; `nanogpt/kernels.py` also says where
-that kernel runs (elsewhere the step takes the SDPA path below). `nanogpt/engine.py` makes the caches and drives
-the decode steps.
+Beyond nanoGPT: optional rotary positions, QK-norm, a ReLU² MLP and untied embeddings (ModelConfig), optional
+gradient checkpointing of the blocks, and a key/value cache for generation (KVCache), which
+`forward` is given and each attention layer attends through. The model holds no generation state: the cache
+is the caller's (nanogpt/generate.py), and so is the choice of a faster cache (nanogpt/kernels.py's fused
+decode step on a GPU).
 """
 
 import math
 from collections.abc import Callable
-from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +16,6 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from nanogpt.config import ModelConfig
-from nanogpt.kernels import decode_attention, decode_attention_supported
 
 # The architecture options (ModelConfig) at the values that make this model nanoGPT's GPT, which is GPT-2's
 # architecture: a checkpoint saved before an option existed was made with this value.
@@ -45,9 +42,41 @@ class Rotary(nn.Module):
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
+class KVCache:
+    """The keys and values of every position seen so far, in every layer, preallocated to the full context length
+    (static shapes, so that a decode step can be compiled and captured as a CUDA graph); and the attention mask
+    of the positions. Both in the model's dtype; under autocast the attention converts.
+
+    Layer i's keys and values share one buffer `kv[i]` (2, B, nh, block_size, hs), so that a step writes both
+    with one copy. `mask` (block_size, block_size) is additive: row p is 0 for the keys a query at position p
+    sees (0..p) and -inf for the rest, stale entries included.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        causal = torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool, device=device).tril()
+        self.mask = torch.zeros(causal.shape, dtype=dtype, device=device).masked_fill(~causal, -math.inf)
+        shape = (2, batch_size, cfg.n_head, cfg.block_size, cfg.head_size)
+        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+
+    def update(self, layer: int, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write keys and values k, v (B, nh, T, hs) of `layer` at positions `input_pos` (T,); return the layer's
+        keys and values (B, nh, block_size, hs) to attend over."""
+        kv = self.kv[layer]
+        kv.index_copy_(3, input_pos, torch.stack((k, v)).to(kv.dtype))  # (2, B, nh, T, hs) into (2, .., block_size, hs)
+        return kv[0], kv[1]
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
+        """Attention (B, nh, T, hs) of queries q (B, nh, T, hs) at positions `input_pos` (T,) over the cache,
+        the new keys and values k, v written into it first (update)."""
+        k, v = self.update(layer, input_pos, k, v)  # each (B, nh, block_size, hs)
+        mask = self.mask.index_select(0, input_pos)  # (T, block_size), the same for every sequence and head
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask.to(q.dtype))
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
+        self.layer = layer  # which of a KVCache's layers is this one's
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)  # query, key and value of every head
@@ -55,40 +84,24 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.rotary = Rotary(cfg.head_size, cfg.block_size) if cfg.rope else None
         self.qk_norm = cfg.qk_norm
-        self.kv_cache: Tensor | None = None  # while generating: this layer's buffer of a KVCache
 
-    def forward(self, x: Tensor, input_pos: Tensor, mask: Tensor | None = None) -> Tensor:
-        """x (B, T, C) at positions `input_pos` (T,). With a cache, `mask` holds the rows of KVCache.mask for
-        those positions, or is None for a decode step that kernels.decode_attention serves (KVCache.mask_rows)."""
+    def forward(self, x: Tensor, input_pos: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        """x (B, T, C) at positions `input_pos` (T,). Without a cache each position attends to itself and the
+        positions before it; with one, to the positions in the cache up to its own, its key and value added."""
         B, T, C = x.shape  # batch size, sequence length, embedding size (n_embd)
-        qkv = self.c_attn(x)  # (B, T, 3C)
-        heads = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
-        q, k, v = heads  # each (B, nh, T, hs)
-        transformed = self.rotary is not None or self.qk_norm
-        if transformed:
-            q, k = self.prepare(q, k, input_pos)
-        if self.kv_cache is None:  # each position attends to itself and the positions before it
-            dropout = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, nh, T, hs)
-        elif mask is not None:  # generating: the new keys and values join the cache, the mask says who sees what
-            new_kv = torch.stack((k, v)) if transformed else heads[1:]  # (2, B, nh, T, hs)
-            self.kv_cache.index_copy_(3, input_pos, new_kv.to(self.kv_cache.dtype))
-            k, v = self.kv_cache[0], self.kv_cache[1]  # each (B, nh, block_size, hs)
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask.to(q.dtype))
-        else:  # a decode step: the cache write and the attention in one call
-            if transformed:  # the kernel reads queries, keys and values side by side, as c_attn writes them
-                qkv = torch.stack((q, k, v)).permute(1, 3, 0, 2, 4).reshape(B, T, 3 * C)
-            return self.resid_dropout(self.c_proj(decode_attention(qkv, self.kv_cache, input_pos)))
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
-        return self.resid_dropout(self.c_proj(y))
-
-    def prepare(self, q: Tensor, k: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
-        """The options on queries and keys (B, nh, T, hs): QK-norm, then the rotation of RoPE."""
+        qkv = self.c_attn(x)  # (B, T, 3C): the queries, keys and values of every head, side by side
+        q, k, v = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
         if self.qk_norm:
             q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         if self.rotary is not None:
             q, k = self.rotary(q, input_pos), self.rotary(k, input_pos)
-        return q, k
+        if kv_cache is None:
+            dropout = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, nh, T, hs)
+        else:
+            y = kv_cache.attend(self.layer, q, k, v, input_pos)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
+        return self.resid_dropout(self.c_proj(y))
 
 
 def relu_squared(x: Tensor) -> Tensor:
@@ -111,15 +124,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=False)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, layer)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=False)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, input_pos: Tensor, mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), input_pos, mask)
+    def forward(self, x: Tensor, input_pos: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), input_pos, kv_cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -131,7 +144,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(vocab_size, cfg.n_embd)
         self.wpe = None if cfg.rope else nn.Embedding(cfg.block_size, cfg.n_embd)  # rope: positions in attention
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=False)
         self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -141,7 +154,6 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-        self.kv_cache: KVCache | None = None  # while generating (use_kv_cache)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -158,11 +170,16 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(
-        self, idx: Tensor, targets: Tensor | None = None, input_pos: Tensor | None = None
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        input_pos: Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab) for token ids `idx` (B, T); the mean cross-entropy too when `targets` is given.
 
-        With a cache in place (use_kv_cache), `input_pos` (T,) gives the positions of `idx` in the cache.
+        With a `kv_cache` (generation), `input_pos` (T,) gives the positions of `idx`: their keys and values
+        join the cache there, and each attends to the cache's positions up to its own.
         """
         T = idx.size(1)
         if input_pos is None:
@@ -173,46 +190,13 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(input_pos)
         x = self.drop(x)
-        mask = None if self.kv_cache is None else self.kv_cache.mask_rows(input_pos)
         for block in self.blocks:
             if self.cfg.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, input_pos, mask, use_reentrant=False)
+                x = checkpoint(block, x, input_pos, kv_cache, use_reentrant=False)
             else:
-                x = block(x, input_pos, mask)
+                x = block(x, input_pos, kv_cache)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))  # (B*T, vocab), (B*T,)
         return logits, loss
-
-    def use_kv_cache(self, cache: "KVCache | None") -> None:
-        """Attend through `cache` from now on, reading and extending it at the positions forward is given;
-        None: without a cache again, as in training."""
-        self.kv_cache = cache
-        for i, block in enumerate(self.blocks):
-            cast(Block, block).attn.kv_cache = None if cache is None else cache.kv[i]
-
-
-class KVCache:
-    """The keys and values of every position seen so far, in every layer, preallocated to the full context length;
-    and the attention mask of the positions. Both in the model's dtype; under autocast the attention converts.
-
-    Layer i's keys and values share one buffer `kv[i]` (2, B, nh, block_size, hs), so that a step writes both
-    with one copy. `mask` (block_size, block_size) is additive: row p is 0 for the keys a query at position p
-    sees (0..p) and -inf for the rest, stale entries included.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch_size: int, dtype: torch.dtype, device: torch.device) -> None:
-        causal = torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool, device=device).tril()
-        self.mask = torch.zeros(causal.shape, dtype=dtype, device=device).masked_fill(~causal, -math.inf)
-        shape = (2, batch_size, cfg.n_head, cfg.block_size, cfg.head_size)
-        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
-        # whether kernels.decode_attention serves this cache: settled once, the buffers never change
-        self.decodes_in_kernel = decode_attention_supported(self.kv[0])
-
-    def mask_rows(self, input_pos: Tensor) -> Tensor | None:
-        """The mask's rows (1, 1, T, block_size) for queries at `input_pos` (T,); None for a decode step of one
-        position that kernels.decode_attention serves, which needs none."""
-        if len(input_pos) == 1 and self.decodes_in_kernel:
-            return None
-        return self.mask[input_pos][None, None]

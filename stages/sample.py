@@ -15,7 +15,7 @@ from pathlib import Path
 
 from nanogpt import cli
 from nanogpt.errors import exit_on_user_error, run_and_exit
-from nanogpt.sample_stage import SampleRun, run_sampling
+from nanogpt.sample import SampleRun, run_sampling
 
 # one flag per key of params.yaml's sample section, each overriding it when given
 FLAGS: dict[str, tuple[Callable[[str], object], str]] = {

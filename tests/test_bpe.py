@@ -2,7 +2,7 @@
 characters, and a stream printer that never cuts a UTF-8 character.
 
 Three layers, cheapest first:
-- the stream printer (nanogpt.sample_stage.TextStreamer) fed hand-picked token ids;
+- the stream printer (nanogpt.sample.TextStreamer) fed hand-picked token ids;
 - a tiny project per tokenizer, encoded by the real encode stage and trained in-process for a few steps with
   every evaluation over the whole validation split, whose val_bpc is recomputed by hand from the checkpoint;
 - the real `dvc` CLI on the session's reproduced char project, switched to BPE with `dvc exp run -S`.
@@ -38,7 +38,7 @@ from conftest import (
 )
 from nanogpt.checkpoint import load_checkpoint
 from nanogpt.config import load_config
-from nanogpt.sample_stage import SampleRun, TextStreamer, run_sampling
+from nanogpt.sample import SampleRun, TextStreamer, run_sampling
 from nanogpt.tokenizer import BpeTokenizer, load_tokenizer
 from nanogpt.train import TrainPaths, train
 

@@ -37,11 +37,11 @@ from conftest import (
 )
 from nanogpt.checkpoint import load_checkpoint, save_checkpoint
 from nanogpt.config import ModelConfig
-from nanogpt.engine import generate  # the project's sampler: the one import of it here
 from nanogpt.errors import UserError
 from nanogpt.export import export_checkpoint, export_hf
-from nanogpt.generate import SamplingParams
+from nanogpt.generate import generate  # the project's sampler: the one import of it here
 from nanogpt.model import GPT
+from nanogpt.sampling import SamplingParams
 from nanogpt.tokenizer import BpeTokenizer, CharTokenizer, Tokenizer
 
 transformers = pytest.importorskip("transformers")

@@ -7,7 +7,7 @@ import torch
 
 from conftest import cuda_devices, tiny_config
 from nanogpt.config import ModelConfig
-from nanogpt.engine import setup_kv_cache
+from nanogpt.generate import new_kv_cache
 from nanogpt.model import GPT
 
 TINY = tiny_config(
@@ -114,13 +114,12 @@ def test_kv_cache_decode_matches_a_full_forward(device):
     prefill = 5
     full, _ = model(x)
 
-    setup_kv_cache(model, batch_size=3)
-    logits, _ = model(x[:, :prefill], input_pos=torch.arange(prefill, device=device))
+    cache = new_kv_cache(model, batch_size=3)  # on a GPU the fused kernel's
+    logits, _ = model(x[:, :prefill], input_pos=torch.arange(prefill, device=device), kv_cache=cache)
     steps = [logits[:, -1]]
     for pos in range(prefill, 16):
-        logits, _ = model(x[:, pos : pos + 1], input_pos=torch.tensor([pos], device=device))
+        logits, _ = model(x[:, pos : pos + 1], input_pos=torch.tensor([pos], device=device), kv_cache=cache)
         steps.append(logits[:, -1])
-    model.use_kv_cache(None)
 
     for pos, step in zip(range(prefill - 1, 16), steps, strict=True):
         torch.testing.assert_close(step, full[:, pos], rtol=0, atol=1e-5)
@@ -132,21 +131,19 @@ def test_kv_cache_prefill_overwrites_stale_entries():
     first, second = tokens(1, 16, seed=3), tokens(1, 8, seed=4)
     expected, _ = model(second)
 
-    setup_kv_cache(model, batch_size=1)
-    model(first, input_pos=torch.arange(16))
-    logits, _ = model(second, input_pos=torch.arange(8))
-    model.use_kv_cache(None)
+    cache = new_kv_cache(model, batch_size=1)
+    model(first, input_pos=torch.arange(16), kv_cache=cache)
+    logits, _ = model(second, input_pos=torch.arange(8), kv_cache=cache)
 
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
 
 
-def test_drop_kv_cache_returns_to_the_plain_forward():
+def test_a_forward_with_a_cache_leaves_the_plain_forward_as_it_was():
     model = tiny_model()
     x = tokens(2, 10)
     expected, _ = model(x)
 
-    setup_kv_cache(model, batch_size=2)
-    model.use_kv_cache(None)
+    model(x, input_pos=torch.arange(10), kv_cache=new_kv_cache(model, batch_size=2))
     logits, _ = model(x)
 
     assert torch.equal(logits, expected)

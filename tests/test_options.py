@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import itertools
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -14,12 +15,12 @@ from conftest import cuda_devices, tiny_config
 from nanogpt import quantize
 from nanogpt.checkpoint import load_checkpoint, save_checkpoint
 from nanogpt.config import ModelConfig, TrainConfig, config_from_dict
-from nanogpt.engine import generate, setup_kv_cache
 from nanogpt.errors import UserError
-from nanogpt.generate import SamplingParams, generate_reference
-from nanogpt.model import GPT, NANOGPT_ARCHITECTURE, Rotary, relu_squared
+from nanogpt.generate import generate, new_kv_cache
+from nanogpt.model import GPT, NANOGPT_ARCHITECTURE, KVCache, Rotary, relu_squared
 from nanogpt.optim import WeightAverage, lr_factor
 from nanogpt.quantize import quantize_int8
+from nanogpt.sampling import SamplingParams, generate_reference
 from nanogpt.step import TrainStep
 from nanogpt.tokenizer import CharTokenizer
 
@@ -88,14 +89,31 @@ def test_rope_replaces_the_learned_positions():
     assert "blocks.0.attn.rotary.cos" not in rope.state_dict()  # computed, not learned: not in checkpoints
 
 
-def test_qk_norm_gives_queries_and_keys_unit_rms():
-    attn = GPT(dataclasses.replace(BASE, qk_norm=True), VOCAB).blocks[0].attn
-    q, k = 5 * torch.randn(2, 2, 4, 16), torch.randn(2, 2, 4, 16) / 7
+class AttentionInputs(KVCache):
+    """A KVCache that keeps the queries and keys each layer attends with."""
 
-    q, k = attn.prepare(q, k, torch.arange(4))
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    for x in (q, k):
-        torch.testing.assert_close(x.pow(2).mean(-1), torch.ones(2, 2, 4), rtol=1e-4, atol=1e-4)
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor):
+        self.seen.append((q, k))
+        return super().attend(layer, q, k, v, input_pos)
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_qk_norm_gives_queries_and_keys_unit_rms(qk_norm):
+    model = GPT(dataclasses.replace(BASE, qk_norm=qk_norm), VOCAB)
+    cache = AttentionInputs(model.cfg, 2, torch.float32, torch.device("cpu"))
+
+    with torch.no_grad():
+        model(tokens(2, 4), input_pos=torch.arange(4), kv_cache=cache)
+
+    assert len(cache.seen) == BASE.n_layer
+    for q, k in cache.seen:
+        for x in (q, k):
+            unit = torch.allclose(x.pow(2).mean(-1), torch.ones(2, BASE.n_head, 4), rtol=1e-4, atol=1e-4)
+            assert unit == qk_norm
 
 
 def test_relu_squared():
@@ -139,11 +157,11 @@ def test_kv_cache_decode_matches_a_full_forward(options, device):
     x = tokens(3, 16).to(device)
     full, _ = model(x)
 
-    setup_kv_cache(model, batch_size=3)
-    logits, _ = model(x[:, :5], input_pos=torch.arange(5, device=device))
+    cache = new_kv_cache(model, batch_size=3)  # on a GPU the fused kernel's
+    logits, _ = model(x[:, :5], input_pos=torch.arange(5, device=device), kv_cache=cache)
     steps = [logits[:, -1]]
     for pos in range(5, 16):
-        logits, _ = model(x[:, pos : pos + 1], input_pos=torch.tensor([pos], device=device))
+        logits, _ = model(x[:, pos : pos + 1], input_pos=torch.tensor([pos], device=device), kv_cache=cache)
         steps.append(logits[:, -1])
 
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 4:], rtol=1e-4, atol=1e-4)

@@ -6,11 +6,11 @@ from torch import nn
 
 from conftest import tiny_config
 from nanogpt import quantize
-from nanogpt.engine import generate
 from nanogpt.errors import UserError
-from nanogpt.generate import SamplingParams, context_length, generate_reference, logits_to_probs
+from nanogpt.generate import generate
 from nanogpt.model import GPT
 from nanogpt.quantize import Int8Linear, Int8MLP, quantize_int8, uses_int8
+from nanogpt.sampling import SamplingParams, context_length, generate_reference, logits_to_probs
 
 VOCAB = 17
 
