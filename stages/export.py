@@ -1,11 +1,15 @@
-"""Export out/ckpt.pt to out/hf/, a GPT2LMHeadModel folder that Hugging Face transformers loads (config, safetensors
-weights, tokenizer, generation config from the sample settings, model card). Run it after `dvc repro`: it is a
-command, not a pipeline stage, so that it does not add seconds to every experiment."""
+"""Stage 5: export out/ckpt.pt to out/hf/, a folder that Hugging Face transformers loads with AutoModelForCausalLM
+and AutoTokenizer (config, safetensors weights, tokenizer, generation config from the sample settings, model card).
 
+A model that no standard transformers class expresses (model.qk_norm: true) is not an error, so that every
+experiment still runs: the folder then holds only a README.md naming the option and the way out, and the stage
+prints one `warning:` line."""
+
+import sys
 from pathlib import Path
 
 from nanogpt import cli
-from nanogpt.errors import exit_on_user_error
+from nanogpt.errors import exit_on_user_error, run_and_exit
 from nanogpt.export import export_checkpoint
 
 
@@ -21,9 +25,12 @@ def main() -> None:
     )
     p.add_argument("--output", type=Path, default=Path("out/hf"), help="the folder to (re)write (default: out/hf)")
     args = p.parse_args()
-    export_checkpoint(args.checkpoint, args.metrics, cli.config(args), args.output)
-    print(f"exported {args.checkpoint} to {args.output}/")
+    refused = export_checkpoint(args.checkpoint, args.metrics, cli.config(args), args.output)
+    if refused is None:
+        print(f"exported {args.checkpoint} to {args.output}/")
+    else:
+        print(f"warning: {args.output}/ holds only a README.md, no model: {refused}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

@@ -8,7 +8,7 @@ and `python -m pytest` leaves them out, as it leaves out the `slow` ones; pyproj
 
     def test_something(project):                 # fresh copy, params committed, nothing run yet
         result = dvc(project, "repro")
-        assert ran_stages(result) == {"validate", "download", "encode", "train", "sample"}
+        assert ran_stages(result) == {"validate", "download", "encode", "train", "sample", "export"}
 
     def test_other(reproduced_project):          # `dvc repro` already ran and its results are committed
         ...
@@ -113,7 +113,7 @@ TINY_PARAMS: dict[str, Any] = {
     "sample.compile": False,
 }
 
-STAGES = ("validate", "download", "encode", "train", "sample")
+STAGES = ("validate", "download", "encode", "train", "sample", "export")
 DELETE = object()  # a set_params value that removes the key
 
 _WORDS = (  # noqa: SIM905  a word list reads better as one string than as 100 quoted literals

@@ -393,7 +393,7 @@ def experiments(tmp_path_factory: pytest.TempPathFactory, _reproduced_template: 
 
 def assert_reran_all_but_download(result: subprocess.CompletedProcess[str]) -> None:
     log = output(result)
-    assert ran_stages(result) == {"validate", "encode", "train", "sample"}, log
+    assert ran_stages(result) == {"validate", "encode", "train", "sample", "export"}, log
     assert skipped_stages(result) == set(STAGES) - ran_stages(result) == {"download"}, log
     assert not restored_stages(result), log
 

@@ -1,6 +1,6 @@
 """Sharing what was trained, as the README's "Sharing" section tells a user: a DVC remote (a local folder here) and a
 git `origin` (a bare repository), `dvc push` / `dvc pull`, `dvc exp push` / `dvc exp pull`, and the model registry's
-`dvc artifacts get`. No network: every remote is a folder.
+`dvc artifacts get` of the checkpoint and of its Hugging Face export. No network: every remote is a folder.
 """
 
 import hashlib
@@ -12,7 +12,8 @@ import pytest
 
 from conftest import commit, copy_project, dvc, git, run_stage
 
-ARTIFACT = "shakespeare-gpt"  # dvc.yaml's artifacts section
+ARTIFACT = "shakespeare-gpt"  # dvc.yaml's artifacts section: the checkpoint
+HF_ARTIFACT = "shakespeare-gpt-hf"  # and the export stage's out/hf/
 
 
 class Shared(NamedTuple):
@@ -43,7 +44,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory, _reproduced_template: Path)
 
 @pytest.mark.slow
 def test_a_clone_pulls_the_outputs_and_samples_the_same_text(shared: Shared) -> None:
-    for name in ("out/ckpt.pt", "data/vocab.json"):
+    for name in ("out/ckpt.pt", "data/vocab.json", "out/hf/model.safetensors", "out/hf/README.md"):
         assert md5(shared.clone / name) == md5(shared.project / name), name
     assert not (shared.clone / "out/resume").exists()  # resume state is the trainer's, not shared
 
@@ -82,3 +83,22 @@ def test_artifacts_get_fetches_a_registered_version_of_the_model(
     dvc(elsewhere, "artifacts", "get", str(shared.origin), ARTIFACT, "-o", "model.pt")
 
     assert md5(elsewhere / "model.pt") == md5(_reproduced_template / "out/ckpt.pt")  # main's checkpoint
+
+
+@pytest.mark.slow
+def test_artifacts_get_fetches_the_hugging_face_folder_that_transformers_loads(
+    shared: Shared, _reproduced_template: Path, tmp_path: Path
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    git(shared.project, "tag", "-a", f"{HF_ARTIFACT}@v0.1.0", "-m", "the tiny model for transformers", "main")
+    git(shared.project, "push", "-q", "origin", f"{HF_ARTIFACT}@v0.1.0")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    dvc(elsewhere, "artifacts", "get", str(shared.origin), HF_ARTIFACT, "-o", "hf")
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md"):
+        assert md5(elsewhere / "hf" / name) == md5(_reproduced_template / "out/hf" / name), name  # main's export
+    model = transformers.AutoModelForCausalLM.from_pretrained(elsewhere / "hf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(elsewhere / "hf")
+    assert model.config.num_hidden_layers == 2 and tokenizer.decode(tokenizer("ROMEO:")["input_ids"]) == "ROMEO:"
