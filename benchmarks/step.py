@@ -43,7 +43,9 @@ def build(cfg: Any, folder: Path, device: torch.device, captured: bool, compiled
     optimizers = build_optimizers(model, cfg.train, device, capturable=captured)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     average = WeightAverage(list(model.parameters()), cfg.train.ema) if cfg.train.ema else None
-    step = build_train_step(model, optimizers, scaler, cfg.train, compiled, captured, dtype, None, average)
+    step = build_train_step(
+        model, optimizers, scaler, cfg.train, compiled=compiled, captured=captured, dtype=dtype, average=average
+    )
     rng = torch.Generator(device=device)
     rng.manual_seed(cfg.train.seed)
     evalset = data.eval_windows(val, cfg.model.block_size)
