@@ -36,18 +36,25 @@ RESUME_FORMAT = 2  # bump when the resume state's layout or the training traject
 
 
 def save_checkpoint(path: Path | str, model: GPT, tokenizer: Tokenizer, step: int, val_loss: float) -> None:
-    files.torch_save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "model_config": dataclasses.asdict(model.cfg),
-            "vocab_size": model.vocab_size,
-            "tokenizer": tokenizer.to_dict(),
-            "step": step,
-            "val_loss": val_loss,
-        },
-        path,
-    )
+    write_checkpoint(checkpoint(model, tokenizer, step, val_loss), path)
+
+
+def write_checkpoint(ckpt: dict[str, Any], path: Path | str) -> None:
+    """Write a `checkpoint(...)` (atomically); the training loop does it on its background writer."""
+    files.torch_save(ckpt, path)
+
+
+def checkpoint(model: GPT, tokenizer: Tokenizer, step: int, val_loss: float) -> dict[str, Any]:
+    """What save_checkpoint writes, the weights copied to the CPU now (the model may change after)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},  # a copy on a CPU too
+        "model_config": dataclasses.asdict(model.cfg),
+        "vocab_size": model.vocab_size,
+        "tokenizer": tokenizer.to_dict(),
+        "step": step,
+        "val_loss": val_loss,
+    }
 
 
 def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer, dict[str, Any]]:

@@ -91,7 +91,7 @@ def eval_windows(tokens: Tensor, block_size: int) -> EvalSet:
 
 @dataclass(frozen=True)
 class TrainData:
-    """The encoded splits: training tokens on the device, the validation windows, and the tokenizer."""
+    """The encoded splits: training tokens and validation windows on the device, and the tokenizer."""
 
     tokenizer: Tokenizer
     train_tokens: Tensor
@@ -114,7 +114,9 @@ class TrainData:
         evalset = eval_windows(val_tokens, block_size)
         first = tokenizer.decode(val_tokens[:1].tolist())
         predicted_chars = len(tokenizer.decode(val_tokens.tolist())) - len(first)
-        return cls(tokenizer, train_tokens.to(device), evalset, evalset.num_targets / predicted_chars)
+        tokens_per_char = evalset.num_targets / predicted_chars
+        evalset = EvalSet(evalset.x.to(device), evalset.y.to(device))  # once, not a copy at every evaluation
+        return cls(tokenizer, train_tokens.to(device), evalset, tokens_per_char)
 
     def batches(
         self, rng: torch.Generator, batch_size: int, micro_steps: int, rank: int = 0, world_size: int = 1

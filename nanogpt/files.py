@@ -204,3 +204,31 @@ class AtomicTextFile:
             yield
         except OSError as exc:
             raise UserError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+
+
+class BackgroundWrites:
+    """Writes that run one after another on a thread of their own while the caller goes on (training keeps the
+    GPU busy while a checkpoint goes to disk). Each write is atomic as before; what a write needs must be handed
+    over as values the caller no longer changes (tensors on the CPU, copies of lists). `wait()` returns when
+    every write submitted so far is on disk and raises the first one's error, a UserError for a failed write."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanogpt-writes")
+        self._pending: list[Any] = []
+
+    def submit(self, write: Any, *args: Any) -> None:
+        """Queue `write(*args)` behind the earlier writes; an earlier write's error is raised now."""
+        self._raise_finished()
+        self._pending.append(self._pool.submit(write, *args))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def _raise_finished(self) -> None:
+        for future in [f for f in self._pending if f.done()]:
+            self._pending.remove(future)
+            future.result()

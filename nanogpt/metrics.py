@@ -223,10 +223,10 @@ class MetricsRecorder:
             summary["peak_memory_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20)
         return summary
 
-    def write(self, summary: dict[str, Any]) -> None:
-        """The series and `summary` in DVC's layout (main process only), each file replaced atomically."""
+    def write(self, summary: dict[str, Any], writes: files.BackgroundWrites) -> None:
+        """The series as they are now and `summary` in DVC's layout through `writes` (main process only)."""
         if self.dist.is_main:
-            write_metrics(self.folder, self.train_rows, self.val_rows, summary)
+            writes.submit(write_metrics, self.folder, list(self.train_rows), list(self.val_rows), summary)
 
     def state(self) -> dict[str, Any]:
         """The series for the resume state, flushed up to the last step (every rank calls it)."""

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from nanogpt import distributed, files, metrics, runtime
-from nanogpt.checkpoint import ModelAndOptimizers, ResumeState, ResumeStore, run_key, save_checkpoint
+from nanogpt.checkpoint import ModelAndOptimizers, ResumeState, ResumeStore, checkpoint, run_key, write_checkpoint
 from nanogpt.config import Config, TrainConfig
 from nanogpt.data import TrainData
 from nanogpt.distributed import DistInfo
@@ -101,6 +101,7 @@ class Trainer:
         self.recorder = MetricsRecorder(
             train, paths.metrics_dir, paths.tensorboard_dir, tokens_per_step, device, dist, scaled, show_progress
         )
+        self.writes = files.BackgroundWrites()  # the checkpoint and metrics files, off the training thread
         self.step = 0
         self.restore()
         self.recorder.message(
@@ -167,15 +168,17 @@ class Trainer:
             # with train.ema, of the weights' moving average, which the checkpoint then holds
             with average.applied() if average is not None else contextlib.nullcontext():
                 val_loss, val_bpc = self.evaluator.evaluate(model, self.step)
-                if self.evaluator.best_step == self.step and self.dist.is_main:
-                    save_checkpoint(self.checkpoint, model, self.data.tokenizer, self.step, val_loss)
+                if self.evaluator.best_step == self.step and self.dist.is_main:  # written while training goes on
+                    best = checkpoint(model, self.data.tokenizer, self.step, val_loss)
+                    self.writes.submit(write_checkpoint, best, self.checkpoint)
             self.recorder.evaluation(self.step, val_loss, val_bpc)
-            self.recorder.write(self.summary())
+            self.recorder.write(self.summary(), self.writes)
 
     def save_resume(self) -> None:
         """The resume state, saved by the main process (every rank reads back its series)."""
         metrics = self.recorder.state()
         with self.recorder.paused():
+            self.writes.wait()  # the state links the checkpoint as it is on disk
             if self.dist.is_main:
                 best_val, best_step = self.evaluator.best_val, self.evaluator.best_step
                 elapsed = self.recorder.elapsed()
@@ -203,6 +206,7 @@ class Trainer:
             raise exc.user_error(self.checkpoint, self.evaluator.best_step) from None
         finally:
             self.recorder.close()
+            self.writes.wait()  # the checkpoint and metrics written so far are on disk when train() returns
 
     def _check_step(self, loss: torch.Tensor, norm: torch.Tensor) -> None:
         check_finite(self.step, loss[None], norm[None], self.recorder.scaled)

@@ -254,3 +254,23 @@ def test_an_error_of_the_block_itself_is_not_called_a_write_failure(tmp_path):
         raise ConnectionError("connection reset")
 
     assert os.listdir(tmp_path) == []
+
+
+def test_background_writes_land_in_order_and_wait_returns_when_they_are_on_disk(tmp_path):
+    writes = files.BackgroundWrites()
+    for i in range(20):
+        writes.submit(files.write_text, tmp_path / "m.tsv", f"version {i}\n")
+    writes.wait()
+    assert (tmp_path / "m.tsv").read_text() == "version 19\n"
+
+
+def test_a_failed_background_write_is_one_line_when_the_caller_waits(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    writes = files.BackgroundWrites()
+    writes.submit(files.write_text, tmp_path / "file" / "m.tsv", "x")
+    with pytest.raises(UserError, match=r"cannot write .*m\.tsv"):
+        writes.wait()
+    writes.wait()  # reported once: nothing is pending now
+    writes.submit(files.write_text, tmp_path / "ok.tsv", "y")  # and the writer still writes
+    writes.wait()
+    assert (tmp_path / "ok.tsv").read_text() == "y"

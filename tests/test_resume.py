@@ -632,7 +632,7 @@ from pathlib import Path
 import nanogpt.model, nanogpt.train
 
 bad_step, what = int(sys.argv[1]), sys.argv[2]
-forward, save = nanogpt.model.GPT.forward, nanogpt.train.save_checkpoint
+forward, save = nanogpt.model.GPT.forward, nanogpt.train.write_checkpoint
 calls = 0
 
 def poisoned_forward(self, *args, **kwargs):
@@ -646,12 +646,12 @@ def poisoned_forward(self, *args, **kwargs):
             loss.register_hook(lambda grad: grad * float("inf"))
     return logits, loss
 
-def recorded_save(path, model, tokenizer, step, val_loss):
-    save(path, model, tokenizer, step, val_loss)
-    shutil.copyfile(path, Path("written") / f"ckpt-{step}.pt")
+def recorded_save(ckpt, path):  # on the training loop's writer thread
+    save(ckpt, path)
+    shutil.copyfile(path, Path("written") / f"ckpt-{ckpt['step']}.pt")
 
 nanogpt.model.GPT.forward = poisoned_forward
-nanogpt.train.save_checkpoint = recorded_save
+nanogpt.train.write_checkpoint = recorded_save
 Path("written").mkdir()
 sys.argv = ["stages/train.py"]
 runpy.run_module("stages.train", run_name="__main__", alter_sys=True)
