@@ -36,9 +36,9 @@ class Rotary(nn.Module):
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, x: Tensor, input_pos: Tensor) -> Tensor:
-        """x (B, nh, T, hs) at positions input_pos (T,), rotated."""
+        """x (..., T, hs) at positions input_pos (T,), rotated."""
         cos, sin = self.cos[input_pos], self.sin[input_pos]  # (T, hs/2)
-        x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+        x1, x2 = x.float().chunk(2, dim=-1)  # (..., T, hs/2) each
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
@@ -90,11 +90,13 @@ class CausalSelfAttention(nn.Module):
         positions before it; with one, to the positions in the cache up to its own, its key and value added."""
         B, T, C = x.shape  # batch size, sequence length, embedding size (n_embd)
         qkv = self.c_attn(x)  # (B, T, 3C): the queries, keys and values of every head, side by side
-        q, k, v = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
+        heads = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        qk, v = heads[:2], heads[2]  # queries and keys together: the options below treat them alike, in one go
         if self.qk_norm:
-            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+            qk = F.rms_norm(qk, (qk.size(-1),))
         if self.rotary is not None:
-            q, k = self.rotary(q, input_pos), self.rotary(k, input_pos)
+            qk = self.rotary(qk, input_pos)
+        q, k = qk  # each (B, nh, T, hs)
         if kv_cache is None:
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, nh, T, hs)
