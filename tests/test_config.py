@@ -259,7 +259,7 @@ def test_a_timeout_longer_than_a_day_is_rejected(params):
 
 
 def test_the_readme_example_error_is_the_message_in_full(params):
-    """A range error ends with what the key means; the problems are joined by semicolons. (The README's example,
+    """A range error ends with what the key means; the problems are joined by semicolons. (docs/pipeline.md's example,
     on the default n_embd, which test_workspace_params_give_the_documented_defaults pins.)"""
     message = problems_of(params, {"encode.val_fraction": 1.5, "model.n_head": 5, "model.n_embd": 384})
 
