@@ -17,6 +17,7 @@ Writes benchmarks/results/<name>.json, rewritten after each measurement.
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -106,6 +107,7 @@ def main() -> None:
     p.add_argument("--nanogpt", type=Path, help="a checkout of karpathy/nanoGPT to time beside this code")
     p.add_argument("--name", required=True, help="result file name (benchmarks/results/<name>.json)")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--keep", type=Path, help="work in this (new) folder and keep it: the scratch repository's outputs")
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: nanogpt,exp,step,sample,sweep")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -127,8 +129,9 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"{key} = {json.dumps(value)}", flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="nanogpt-default-path-") as tmp:
+    with contextlib.nullcontext(str(args.keep)) if args.keep else tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         if args.nanogpt and "nanogpt" not in skip:
             nanogpt = nanogpt_step_ms(args.nanogpt, args.data, work)
             record("nanogpt", nanogpt)
