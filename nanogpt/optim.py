@@ -149,7 +149,6 @@ class BatchedMuon(torch.optim.Optimizer):
         device = self.param_groups[0]["params"][0].device
         self._lr = torch.zeros((), device=device)  # per-step values as tensors, so a graph can read them
         self._decay = torch.zeros((), device=device)
-        self._side_streams: list[torch.cuda.Stream] = []
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -179,44 +178,16 @@ class BatchedMuon(torch.optim.Optimizer):
         by_shape: dict[torch.Size, list[int]] = {}
         for i, p in enumerate(params):
             by_shape.setdefault(p.shape, []).append(i)
-        with _side_by_side(self._streams(len(by_shape))) as streams:
-            for (shape, index), stream in zip(by_shape.items(), streams, strict=True):
-                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                    same = [params[i] for i in index]
-                    bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in same]
-                    grads_ = [grads[i] for i in index]
-                    torch._foreach_lerp_(bufs, grads_, 1 - group["momentum"])
-                    updates = torch._foreach_lerp(grads_, bufs, group["momentum"])  # Nesterov
-                    ortho = newton_schulz(torch.stack(updates), group["ns_steps"]).to(same[0].dtype)
-                    ortho.mul_(self._lr * -math.sqrt(max(1.0, shape[0] / shape[1])))
-                    torch._foreach_mul_(same, self._decay)
-                    torch._foreach_add_(same, list(ortho.unbind(0)))
-
-    def _streams(self, count: int) -> list[torch.cuda.Stream | None]:
-        """One CUDA stream per shape, so that the shapes' updates run side by side: each is a chain of small
-        matrix products that fills a fraction of the GPU. Off CUDA, None: the shapes run one after another."""
-        device = self.param_groups[0]["params"][0].device
-        if device.type != "cuda":
-            return [None] * count
-        while len(self._side_streams) < count:
-            self._side_streams.append(torch.cuda.Stream(device))
-        return list(self._side_streams[:count])
-
-
-@contextlib.contextmanager
-def _side_by_side(streams: list[torch.cuda.Stream | None]) -> Iterator[list[torch.cuda.Stream | None]]:
-    """Fork `streams` from the current stream (each starts after what it has queued) and join them back at the
-    end (the current stream waits for all). Captured in a CUDA graph, they become parallel branches."""
-    side = [s for s in streams if s is not None]
-    if not side:
-        yield streams
-        return
-    current = torch.cuda.current_stream(side[0].device)
-    for s in side:
-        s.wait_stream(current)
-    yield streams
-    for s in side:
-        current.wait_stream(s)
+        for shape, index in by_shape.items():
+            same = [params[i] for i in index]
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in same]
+            grads_ = [grads[i] for i in index]
+            torch._foreach_lerp_(bufs, grads_, 1 - group["momentum"])
+            updates = torch._foreach_lerp(grads_, bufs, group["momentum"])  # Nesterov
+            ortho = newton_schulz(torch.stack(updates), group["ns_steps"]).to(same[0].dtype)
+            ortho.mul_(self._lr * -math.sqrt(max(1.0, shape[0] / shape[1])))
+            torch._foreach_mul_(same, self._decay)
+            torch._foreach_add_(same, list(ortho.unbind(0)))
 
 
 def _assign(target: torch.Tensor, value: float | torch.Tensor) -> None:
