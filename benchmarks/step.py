@@ -24,48 +24,44 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from benchmarks.train import parse_set
 from nanogpt import data, runtime
 from nanogpt.config import load_config
-from nanogpt.model import GPT
-from nanogpt.optim import WeightAverage, build_optimizers, lr_factor, set_lr
+from nanogpt.data import TrainData
+from nanogpt.optim import lr_factor, set_lr
 from nanogpt.step import build_train_step
-from nanogpt.tokenizer import load_tokenizer
+from nanogpt.train import build_model_and_optimizers
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def build(cfg: Any, folder: Path, device: torch.device, captured: bool, compiled: bool) -> dict[str, Any]:
-    """The model, optimizers, average, step and data, as the trainer builds them."""
+    """The data, model, optimizers, average and step, built as the trainer builds them."""
     dtype = runtime.resolve_dtype(cfg.train.dtype, device)
-    tokenizer = load_tokenizer(folder / "vocab.json")
-    tokens = data.load_tokens(folder / "train.pt", tokenizer, folder / "vocab.json").to(device)
-    val = data.load_tokens(folder / "val.pt", tokenizer, folder / "vocab.json")
-    torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model, tokenizer.vocab_size).to(device)
-    optimizers = build_optimizers(model, cfg.train, device, capturable=captured)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    average = WeightAverage(list(model.parameters()), cfg.train.ema) if cfg.train.ema else None
+    train_data = TrainData.load(folder, cfg.model.block_size, device)
+    parts = build_model_and_optimizers(cfg, train_data.tokenizer.vocab_size, device, dtype, captured)
     step = build_train_step(
-        model, optimizers, scaler, cfg.train, compiled=compiled, captured=captured, dtype=dtype, average=average
+        parts.model,
+        parts.optimizers,
+        parts.scaler,
+        cfg.train,
+        compiled=compiled,
+        captured=captured,
+        dtype=dtype,
+        average=parts.average,
     )
-    rng = torch.Generator(device=device)
-    rng.manual_seed(cfg.train.seed)
-    evalset = data.eval_windows(val, cfg.model.block_size)
     return {
-        "model": model,
-        "optimizers": optimizers,
-        "average": average,
+        "model": parts.model,
+        "optimizers": parts.optimizers,
+        "average": parts.average,
         "step": step,
-        "tokens": tokens,
-        "rng": rng,
-        "evalset": evalset,
+        "data": train_data,
+        "rng": parts.batch_rng,
+        "evalset": train_data.evalset,
         "dtype": dtype,
     }
 
 
 def batches(parts: dict[str, Any], cfg: Any) -> list:
-    return [
-        data.get_batch(parts["tokens"], cfg.train.batch_size, cfg.model.block_size, parts["rng"])
-        for _ in range(cfg.train.grad_accum_steps)
-    ]
+    """One step's micro-batches, drawn as the trainer draws them."""
+    return parts["data"].batches(parts["rng"], cfg.train.batch_size, cfg.train.grad_accum_steps)
 
 
 def time_steps(parts: dict[str, Any], cfg: Any, warmup: int, steps: int, device: torch.device) -> dict[str, float]:

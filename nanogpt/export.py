@@ -2,7 +2,7 @@
 remote code, and that computes what this project's model computes.
 
 No one transformers class holds every architecture this project trains, so the position scheme picks the class
-(tests/test_export.py measures each combination: logits and KV-cached greedy text against nanogpt/engine.py):
+(tests/test_export.py measures each combination: logits and KV-cached greedy text against nanogpt/generate.py):
 - learned positions: GPT2LMHeadModel. nanoGPT's GPT is GPT-2 without biases: GPT-2's Conv1D layers hold the
   transpose of nn.Linear's weight, and the biases GPT-2 has and this model lacks are written as zeros.
 - rotary positions: Starcoder2ForCausalLM, which rotates the two halves of every head (model.Rotary's convention)

@@ -177,16 +177,16 @@ class AtomicTextFile:
         self._opening = atomic_open(self.path, "w")
 
     def __enter__(self) -> "AtomicTextFile":
-        with self._as_user_error():
+        with _write_errors(self.path):
             self._file = self._opening.__enter__()
         return self
 
     def write(self, text: str) -> None:
-        with self._as_user_error():
+        with _write_errors(self.path):
             self._file.write(text)
 
     def flush(self) -> None:
-        with self._as_user_error():
+        with _write_errors(self.path):
             self._file.flush()
 
     def __exit__(self, *exc_info: Any) -> bool | None:
@@ -195,15 +195,8 @@ class AtomicTextFile:
                 return self._opening.__exit__(*exc_info)
             except OSError:  # closing it failed as its write did (the rest of the buffer): not the news
                 raise exc_info[1] from None
-        with self._as_user_error():
+        with _write_errors(self.path):
             return self._opening.__exit__(None, None, None)
-
-    @contextlib.contextmanager
-    def _as_user_error(self) -> Iterator[None]:
-        try:
-            yield
-        except OSError as exc:
-            raise UserError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
 
 class BackgroundWrites:

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from nanogpt import runtime
 from nanogpt.kernels import FusedDecodeCache, decode_attention_supported
 from nanogpt.model import GPT, KVCache
 from nanogpt.sampling import Noise, SamplingParams, context_length, sample
@@ -70,7 +71,7 @@ class Engine:
 
     def __init__(self, model: GPT, batch_size: int, params: SamplingParams, compile: bool = False) -> None:
         self.model, self.batch_size, self.params = model, batch_size, params
-        self.forward = torch.compile(next_logits, dynamic=False) if compile else next_logits
+        self.forward = runtime.compile(next_logits, dynamic=False) if compile else next_logits
         self.device, self.use_graphs = model.device, model.device.type == "cuda"
         self._start_afresh()
 

@@ -4,7 +4,9 @@ import contextlib
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,13 +44,13 @@ def resolve_device(name: str, local_rank: int | None = None, setting: str = "tra
     that error for `cuda`, and for `auto` one `warning:` line before the fallback: never torch's own warning."""
     if not DEVICE_PATTERN.match(name):
         raise UserError(f"{setting} must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    if name == "auto" or name.startswith("cuda"):
+        count, failure = _cuda_devices()  # probed once: torch warns about a failed start the first time only
     if name == "auto":
-        count, failure = _cuda_devices()
         name = "cuda" if count else "mps" if torch.backends.mps.is_available() else "cpu"
         if failure:
             warn(f"{setting} is 'auto' and CUDA failed to start ({failure}): running on {name}")
     if name.startswith("cuda"):
-        count, failure = _cuda_devices()
         if failure:
             raise UserError(f"{setting} is {name!r} but CUDA failed to start ({failure}): use auto or cpu")
         if not count:
@@ -102,6 +104,13 @@ def use_compile_cache() -> None:
     folder = compile_cache()
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder / "inductor"))
     os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+
+
+def compile(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+    """torch.compile(fn, **options) with its caches in compile_cache(): every compiled path of the project
+    (the training step, the decode step) goes through here."""
+    use_compile_cache()
+    return torch.compile(fn, **options)
 
 
 def autocast(device: torch.device, dtype: torch.dtype, cache: bool = True) -> contextlib.AbstractContextManager:

@@ -13,9 +13,10 @@ from torch import Tensor
 
 from nanogpt.model import GPT
 
-# Temperatures below this one sample as this one does: the most likely token, but for near-ties. 1 / T of a
+# A guard for callers of these functions (the stages' params stop at config.MIN_TEMPERATURE before): temperatures
+# below this one sample as this one does, the most likely token but for near-ties. 1 / T of a
 # smaller one overflows float32 on the way to the logits (1e-40 cannot be divided by at all).
-MIN_TEMPERATURE = 1e-8
+TEMPERATURE_FLOOR = 1e-8
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def filtered_logits(logits: Tensor, params: SamplingParams) -> Tensor:
     top_k larger than the vocabulary keeps the whole vocabulary. top-p keeps the smallest set of most
     likely tokens whose probability reaches top_p.
     """
-    logits = logits.float() / max(params.temperature, MIN_TEMPERATURE)
+    logits = logits.float() / max(params.temperature, TEMPERATURE_FLOOR)
     if params.top_k is not None and params.top_k < logits.size(-1):
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -73,7 +74,7 @@ def sample(logits: Tensor, params: SamplingParams, gumbel: Tensor, out: Tensor |
     if params.temperature == 0:
         scores = logits
     elif _unfiltered(params, logits.size(-1)):
-        scores = torch.add(gumbel, logits, alpha=1 / max(params.temperature, MIN_TEMPERATURE))  # logits / T + G
+        scores = torch.add(gumbel, logits, alpha=1 / max(params.temperature, TEMPERATURE_FLOOR))  # logits / T + G
     else:
         scores = filtered_logits(logits, params) + gumbel
     return torch.argmax(scores, dim=-1, out=out)

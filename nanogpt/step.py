@@ -44,8 +44,7 @@ def build_train_step(
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     forward: Forward = ddp or model
     if compiled:  # a captured step is one CUDA graph already: compile it without torch.compile's own
-        runtime.use_compile_cache()
-        forward = torch.compile(forward, mode=runtime.GRAPH_MODES[cfg.compile_mode] if captured else cfg.compile_mode)
+        forward = runtime.compile(forward, mode=runtime.GRAPH_MODES[cfg.compile_mode] if captured else cfg.compile_mode)
     step = TrainStep(
         forward,
         model,

@@ -91,7 +91,7 @@ class Trainer:
             train.compile_mode, device, dtype, dist.world_size, cfg.model.gradient_checkpointing
         )
         self.compiled = runtime.resolve_compile(train.compile, device)
-        self.parts = _build(cfg, self.data.tokenizer.vocab_size, device, dtype, self.captured)
+        self.parts = build_model_and_optimizers(cfg, self.data.tokenizer.vocab_size, device, dtype, self.captured)
         torch.manual_seed(train.seed + dist.rank)  # same initial weights on every rank, own dropout
         self.evaluator = Evaluator(train, self.data, runtime.autocast(device, dtype), dist, paths.checkpoint)
         key = run_key(cfg, device, dtype, dist.world_size, TrainData.files(paths.data_dir))
@@ -212,7 +212,7 @@ class Trainer:
         check_finite(self.step, loss[None], norm[None], self.recorder.scaled)
 
 
-def _build(
+def build_model_and_optimizers(
     cfg: Config, vocab_size: int, device: torch.device, dtype: torch.dtype, capturable: bool
 ) -> ModelAndOptimizers:
     """The model and what updates it, with the same initial weights on every rank (seeded with train.seed)."""
