@@ -122,7 +122,7 @@ class WeightAverage:
 
 class BatchedMuon(torch.optim.Optimizer):
     """torch.optim.Muon's update (Nesterov momentum, 5 Newton-Schulz steps, Keller Jordan's lr scaling),
-    run on all matrices of one shape at once, and with `cuda_graph` replayed as one CUDA graph.
+    run on all matrices at once (`orthogonalize`), and with `cuda_graph` replayed as one CUDA graph.
 
     torch.optim.Muon orthogonalizes one matrix at a time, in many small kernels per matrix, which leaves a
     GPU waiting on the host (BENCHMARKS.md). Batching the products and replaying the update as a graph
@@ -175,19 +175,20 @@ class BatchedMuon(torch.optim.Optimizer):
         self._eager_steps += 1
 
     def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+        torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
+        updates = torch._foreach_lerp(grads, bufs, group["momentum"])  # Nesterov
         by_shape: dict[torch.Size, list[int]] = {}
         for i, p in enumerate(params):
             by_shape.setdefault(p.shape, []).append(i)
-        for shape, index in by_shape.items():
-            same = [params[i] for i in index]
-            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in same]
-            grads_ = [grads[i] for i in index]
-            torch._foreach_lerp_(bufs, grads_, 1 - group["momentum"])
-            updates = torch._foreach_lerp(grads_, bufs, group["momentum"])  # Nesterov
-            ortho = newton_schulz(torch.stack(updates), group["ns_steps"]).to(same[0].dtype)
-            ortho.mul_(self._lr * -math.sqrt(max(1.0, shape[0] / shape[1])))
-            torch._foreach_mul_(same, self._decay)
-            torch._foreach_add_(same, list(ortho.unbind(0)))
+        shapes = list(by_shape)
+        orthos = orthogonalize([torch.stack([updates[i] for i in by_shape[s]]) for s in shapes], group["ns_steps"])
+        torch._foreach_mul_(params, self._decay)
+        for shape, ortho in zip(shapes, orthos, strict=True):
+            same = [params[i] for i in by_shape[shape]]
+            step = ortho.to(same[0].dtype, memory_format=torch.contiguous_format)
+            step.mul_(self._lr * -math.sqrt(max(1.0, shape[0] / shape[1])))
+            torch._foreach_add_(same, list(step.unbind(0)))
 
 
 def _assign(target: torch.Tensor, value: float | torch.Tensor) -> None:
@@ -213,3 +214,35 @@ def newton_schulz(g: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tenso
         gram = x @ x.mT
         x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.mT if tall else x
+
+
+def orthogonalize(batches: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
+    """newton_schulz of each batch (n_i, rows_i, cols_i), the batches that share their shorter side run as one.
+
+    A GPT's hidden matrices all have n_embd as their shorter side, so one batch takes them all: each laid wide
+    (a tall one transposed) and padded with zero columns to the widest. The padding changes nothing: zero columns
+    add nothing to the Gram matrix X Xᵀ or to the norm, and stay zero through every iteration. A few large
+    products instead of many small ones, which leave a GPU waiting (BENCHMARKS.md).
+    """
+    tall = [b.size(-2) > b.size(-1) for b in batches]
+    wide = [b.mT if t else b for b, t in zip(batches, tall, strict=True)]
+    together: dict[int, list[int]] = {}  # shorter side -> the batches that have it
+    for i, w in enumerate(wide):
+        together.setdefault(w.size(-2), []).append(i)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(batches)
+    for rows, index in together.items():
+        first = batches[index[0]]
+        width = max(wide[i].size(-1) for i in index)
+        dtype = torch.bfloat16 if first.is_cuda else torch.float32
+        padded = torch.zeros(sum(len(wide[i]) for i in index), rows, width, dtype=dtype, device=first.device)
+        start = 0
+        for i in index:
+            padded[start : start + len(wide[i]), :, : wide[i].size(-1)] = wide[i]
+            start += len(wide[i])
+        padded = newton_schulz(padded, steps)
+        start = 0
+        for i in index:
+            piece = padded[start : start + len(wide[i]), :, : wide[i].size(-1)]
+            out[i] = piece.mT if tall[i] else piece
+            start += len(wide[i])
+    return out

@@ -11,7 +11,15 @@ import torch
 from conftest import tiny_config
 from nanogpt.config import TrainConfig
 from nanogpt.model import GPT
-from nanogpt.optim import BatchedMuon, build_optimizers, lr_factor, set_lr, use_lr_tensors
+from nanogpt.optim import (
+    BatchedMuon,
+    build_optimizers,
+    lr_factor,
+    newton_schulz,
+    orthogonalize,
+    set_lr,
+    use_lr_tensors,
+)
 
 TRAIN = tiny_config().train
 TINY = tiny_config(
@@ -257,3 +265,17 @@ def test_rates_held_in_tensors_step_as_numbers_do():
     assert [lr.item() for lr in captured] == pytest.approx([cfg.learning_rate / 2] * 2 + [cfg.muon_learning_rate / 2])
     for ours, theirs in zip(twin.parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(ours, theirs)
+
+
+def test_matrices_padded_into_one_batch_orthogonalize_as_each_alone():
+    """orthogonalize runs a GPT's four shapes of hidden matrix as one zero-padded batch; each result is the one
+    newton_schulz gives its batch alone (float32 on the CPU: equal to rounding)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(24, 8), (8, 8), (32, 8), (8, 32), (6, 5)]  # like c_attn, attn c_proj, c_fc, mlp c_proj; and another side
+    batches = [torch.randn(3, *shape, generator=g) for shape in shapes]
+
+    together = orthogonalize(batches, steps=5)
+
+    for batch, ortho in zip(batches, together, strict=True):
+        assert ortho.shape == batch.shape
+        torch.testing.assert_close(ortho, newton_schulz(batch, steps=5), rtol=0, atol=1e-5)
