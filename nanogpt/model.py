@@ -65,6 +65,16 @@ class KVCache:
         kv.index_copy_(3, input_pos, torch.stack((k, v)).to(kv.dtype))  # (2, B, nh, T, hs) into (2, .., block_size, hs)
         return kv[0], kv[1]
 
+    def decodes_fused(self, T: int, qk_norm: bool) -> bool:
+        """Whether `decode` takes a step of T positions: never here; kernels.FusedDecodeCache's one-position
+        steps on a GPU."""
+        return False
+
+    def decode(self, layer: int, qkv: Tensor, input_pos: Tensor, rotary: "Rotary | None") -> Tensor:
+        """Attention (B, T, C) of the raw queries, keys and values qkv (B, T, 3C), rotated by `rotary` when
+        given: for a cache whose decodes_fused holds."""
+        raise NotImplementedError
+
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
         """Attention (B, nh, T, hs) of queries q (B, nh, T, hs) at positions `input_pos` (T,) over the cache,
         the new keys and values k, v written into it first (update)."""
@@ -88,8 +98,16 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor, input_pos: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         """x (B, T, C) at positions `input_pos` (T,). Without a cache each position attends to itself and the
         positions before it; with one, to the positions in the cache up to its own, its key and value added."""
-        B, T, C = x.shape  # batch size, sequence length, embedding size (n_embd)
         qkv = self.c_attn(x)  # (B, T, 3C): the queries, keys and values of every head, side by side
+        if kv_cache is not None and kv_cache.decodes_fused(x.size(1), self.qk_norm):
+            y = kv_cache.decode(self.layer, qkv, input_pos, self.rotary)  # the rotation too, in one kernel
+        else:
+            y = self.attention(qkv, input_pos, kv_cache)
+        return self.resid_dropout(self.c_proj(y))
+
+    def attention(self, qkv: Tensor, input_pos: Tensor, kv_cache: KVCache | None) -> Tensor:
+        """The attention (B, T, C) of the queries, keys and values qkv (B, T, 3C) at positions `input_pos`."""
+        B, T, C = qkv.size(0), qkv.size(1), qkv.size(2) // 3  # batch size, sequence length, embedding size
         heads = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
         qk, v = heads[:2], heads[2]  # queries and keys together: the options below treat them alike, in one go
         if self.qk_norm:
@@ -102,8 +120,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, nh, T, hs)
         else:
             y = kv_cache.attend(self.layer, q, k, v, input_pos)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
-        return self.resid_dropout(self.c_proj(y))
+        return y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
 
 
 def relu_squared(x: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ TOP_P = SamplingParams(temperature=1.2, top_k=None, top_p=0.7)
 DEVICES = ["cpu", *cuda_devices()]  # the CUDA ones marked gpu
 
 
-def peaked_model(block_size: int = 16, n_embd: int = 32) -> GPT:
+def peaked_model(block_size: int = 16, n_embd: int = 32, rope: bool = False) -> GPT:
     """A small random model whose next-token distributions are far from uniform (GPT-2's init gives near-ties)."""
     torch.manual_seed(0)
     cfg = tiny_config(
@@ -32,6 +32,7 @@ def peaked_model(block_size: int = 16, n_embd: int = 32) -> GPT:
             "model.n_head": 2,
             "model.n_embd": n_embd,
             "model.dropout": 0.0,
+            "model.rope": rope,
         }
     ).model
     model = GPT(cfg, VOCAB).eval()
@@ -168,13 +169,15 @@ def test_a_later_generation_reads_the_weights_as_they_are_then(model, device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("rope", [False, True], ids=["learned", "rope"])
 @pytest.mark.parametrize("params", [GREEDY, PLAIN, TOP_K], ids=["greedy", "plain", "top_k"])
-def test_cuda_graph_generation_of_full_runs_matches_the_reference(params):
+def test_cuda_graph_generation_of_full_runs_matches_the_reference(params, rope):
     """Context 128, where block_size 16 above stops short: decode runs of the full 32 steps (each one replayed
-    CUDA graph), cache positions past the kernel's first block of 64 keys, and slides; fp32, two samples. With seed
-    0 the closest call along these tokens is 3e-3 apart in logits (measured on the CPU), over a hundred times what
-    fp32 rounding moves them between the cached and the full forward, so equal tokens are not luck."""
-    model = peaked_model(block_size=128, n_embd=64).to("cuda")
+    CUDA graph), cache positions past the kernel's first block of 64 keys, and slides; fp32, two samples; learned
+    positions, and rotary ones, which the kernel applies. With seed 0 the closest call along these tokens is 3e-3
+    apart in logits (measured on the CPU, learned positions), over a hundred times what fp32 rounding moves them
+    between the cached and the full forward, so equal tokens are not luck."""
+    model = peaked_model(block_size=128, n_embd=64, rope=rope).to("cuda")
     assert isinstance(new_kv_cache(model, 2), FusedDecodeCache)  # the Triton kernel, not SDPA
 
     cached = generate(model, [1, 2, 3, 4, 5], 300, 2, params, seed=0)
