@@ -3,7 +3,7 @@
 # time (a `<` for a `<=`, a 1 for a 2, a deleted call) and check that its tests fail on each change.
 #
 #   pip install -e '.[mutation]'
-#   tools/mutation.sh MODULE [MUTANT_NAME_PATTERN ...]    # MODULE: generate, data, tokenizer, files, config, optim
+#   tools/mutation.sh MODULE [MUTANT_NAME_PATTERN ...]    # MODULE: generate, sampling, data, tokenizer, files, config, optim
 #
 # Works on a copy of the working tree in .mutation/MODULE/ (gitignored; made afresh each run), so that runs of
 # different modules keep their results apart; `cd .mutation/MODULE && mutmut show NAME` shows one mutant's diff,
@@ -17,8 +17,8 @@ shift
 # the tests that cover each module and run in seconds: its own test file, less the slow tests (real CLI, compile)
 # and the GPU ones (pytest_add_cli_args below)
 case $module in
-  generate | data | tokenizer | files | config | optim) tests=("tests/test_$module.py") ;;
-  *) echo "unknown module $module: give one of generate, data, tokenizer, files, config, optim" >&2; exit 2 ;;
+  generate | sampling | data | tokenizer | files | config | optim) tests=("tests/test_$module.py") ;;
+  *) echo "unknown module $module: give one of generate, sampling, data, tokenizer, files, config, optim" >&2; exit 2 ;;
 esac
 
 work=.mutation/$module
