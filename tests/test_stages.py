@@ -617,36 +617,46 @@ MAX_RSS = 1536 << 20  # bytes: a stage that refuses at once stays near the size 
 ADDRESS_SPACE = 8 << 30  # the cap on each child: a regression fails an allocation instead of filling the machine
 
 
-# sets the cap, then becomes the stage (same process, so wait4 measures the stage itself)
-_CAPPED = (
-    "import os, resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({0}, {0})); "
-    "os.execv(sys.executable, sys.argv[1:])"
-)
+# sets the cap, then runs the stage as a child of its own and writes that child's peak RSS (kB) into the file argv[1].
+# A fresh process: one exec'd straight from pytest would inherit pytest's own peak (wait4 reports the larger of the
+# process's peaks before and after its exec, and a spawned child starts from its parent's memory), which on a GPU
+# machine, with torch's CUDA libraries loaded in pytest, is over MAX_RSS whatever the stage does.
+_CAPPED = """
+import os, resource, signal, sys
+resource.setrlimit(resource.RLIMIT_AS, ({0}, {0}))
+_, status, usage = os.wait4(os.posix_spawn(sys.executable, sys.argv[2:], os.environ), 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+if os.WIFSIGNALED(status):  # end as the stage ended
+    if os.WTERMSIG(status) != signal.SIGKILL:
+        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+    os.kill(os.getpid(), os.WTERMSIG(status))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
 def run_capped(project: Path, stage: str, args: list[str]) -> tuple[subprocess.CompletedProcess, int]:
     """`python -m stages.<stage> *args` in `project` with its address space capped, on the CPU; the result and its
-    peak RSS in bytes (of this child alone, from wait4)."""
+    peak RSS in bytes (of the stage alone)."""
+    if stage == "sample":
+        args = ["--device", "cpu", *args]  # a later --device in args wins
     cmd = [sys.executable, "-m", f"stages.{stage}", *args]
     # no GPU for it: CUDA cannot start under the cap (test_runtime.py's GPU test checks what a stage says then)
     env = {**tool_env(project), "CUDA_VISIBLE_DEVICES": ""}
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _CAPPED.format(ADDRESS_SPACE), *cmd],
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, tempfile.TemporaryDirectory() as tmp:
+        peak = Path(tmp) / "peak_rss_kb"
+        proc = subprocess.run(
+            [sys.executable, "-c", _CAPPED.format(ADDRESS_SPACE), str(peak), *cmd],
+            check=False,
             cwd=project,
             env=env,
             stdout=out,
             stderr=err,
+            timeout=600,
         )
-        deadline = time.monotonic() + 600
-        while not (waited := os.wait4(proc.pid, os.WNOHANG))[0]:
-            if time.monotonic() > deadline:
-                proc.kill()
-            time.sleep(0.05)
-        proc.returncode = os.waitstatus_to_exitcode(waited[1])  # reaped here: Popen must not wait for it
         out.seek(0), err.seek(0)
         result = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
-    return result, waited[2].ru_maxrss * 1024
+        return result, int(peak.read_text()) * 1024
 
 
 def set_url(url: str) -> Callable[[Path, str], None]:
@@ -693,7 +703,6 @@ def nothing(project: Path, server: str) -> None:
     pass
 
 
-SAMPLE_ON_CPU = [*SAMPLE, "--device", "cpu"]  # the address-space cap is for the CPU: CUDA maps far more
 # case: (setup, stage, args, fragments of the one error line)
 TRACEBACK_CASES: dict[str, tuple[Callable[[Path, str], None], str, list[str], list[str]]] = {
     "redirect loop": (set_url("{server}/loop.txt"), "download", [], ["loop.txt redirects in a loop", "data.url"]),
@@ -798,7 +807,7 @@ TRACEBACK_CASES: dict[str, tuple[Callable[[Path, str], None], str, list[str], li
     "num_samples 1e9": (
         nothing,
         "sample",
-        [*SAMPLE_ON_CPU, "--num_samples", str(10**9)],
+        [*SAMPLE, "--num_samples", str(10**9)],
         ["out of memory generating 1,000,000,000 samples", "lower sample.num_samples"],
     ),
     # silent nonsense: now refused
