@@ -3,8 +3,8 @@ positions), writes the key and value into the KV cache and attends, fused; and F
 whose decode steps take it.
 
 A decode step at batch 1 is a chain of tiny kernels, each bound by its launch and start-up latency rather
-than by its work; per layer this kernel takes the place of a dozen (the rotation's, the cache write, SDPA and
-the copies between them). BENCHMARKS.md
+than by its work; per layer this kernel takes the place of most of them (the rotation's, the cache write, SDPA
+and the copies between them). BENCHMARKS.md
 has the timings. `decode_attention_supported` says where it runs: on a GPU with Triton. Elsewhere (CPU-only
 installs, macOS, Windows, older GPUs) it is False, and generation uses model.KVCache, which writes the cache
 and calls SDPA.
@@ -38,12 +38,12 @@ def decode_attention_supported(device: torch.device, dtype: torch.dtype, head_si
 
 class FusedDecodeCache(KVCache):
     """A KVCache whose decode steps (one position per sequence) rotate, write and attend in one `decode_attention`
-    kernel; longer steps (a prefill) take KVCache's path, and so do QK-norm's decode steps, whose normalised
-    queries and keys the kernel is given ready. For the devices, dtypes and head sizes for which
-    decode_attention_supported holds."""
+    kernel; longer steps (a prefill) take KVCache's path. A QK-norm model's decode steps come through `attend`,
+    their queries and keys normalised and rotated, and take the kernel without its rotation. For the devices,
+    dtypes and head sizes for which decode_attention_supported holds."""
 
-    def decodes_fused(self, T: int, qk_norm: bool) -> bool:
-        return T == 1 and not qk_norm
+    def decodes_fused(self, T: int) -> bool:
+        return T == 1
 
     def decode(self, layer: int, qkv: Tensor, input_pos: Tensor, rotary: Rotary | None) -> Tensor:
         return decode_attention(qkv, self.kv[layer], input_pos, None if rotary is None else (rotary.cos, rotary.sin))
@@ -79,7 +79,7 @@ def decode_attention(qkv: Tensor, kv: Tensor, position: Tensor, rotary: tuple[Te
     qkv = qkv.to(kv.dtype)
     B, _, three_c = qkv.shape
     H, hs = kv.size(2), kv.size(4)
-    cos, sin = rotary if rotary is not None else (kv, kv)  # unread without rotary
+    cos, sin = rotary if rotary is not None else (kv, kv)  # any tensors: the kernel reads the tables only with ROTARY
     out = torch.empty(B, 1, three_c // 3, dtype=qkv.dtype, device=qkv.device)
     with torch.cuda.device(kv.device):  # Triton launches on the current device, which need not be the cache's
         _decode_attention[(B, H)](

@@ -65,12 +65,12 @@ class KVCache:
         kv.index_copy_(3, input_pos, torch.stack((k, v)).to(kv.dtype))  # (2, B, nh, T, hs) into (2, .., block_size, hs)
         return kv[0], kv[1]
 
-    def decodes_fused(self, T: int, qk_norm: bool) -> bool:
+    def decodes_fused(self, T: int) -> bool:
         """Whether `decode` takes a step of T positions: never here; kernels.FusedDecodeCache's one-position
         steps on a GPU."""
         return False
 
-    def decode(self, layer: int, qkv: Tensor, input_pos: Tensor, rotary: "Rotary | None") -> Tensor:
+    def decode(self, layer: int, qkv: Tensor, input_pos: Tensor, rotary: Rotary | None) -> Tensor:
         """Attention (B, T, C) of the raw queries, keys and values qkv (B, T, 3C), rotated by `rotary` when
         given: for a cache whose decodes_fused holds."""
         raise NotImplementedError
@@ -99,7 +99,7 @@ class CausalSelfAttention(nn.Module):
         """x (B, T, C) at positions `input_pos` (T,). Without a cache each position attends to itself and the
         positions before it; with one, to the positions in the cache up to its own, its key and value added."""
         qkv = self.c_attn(x)  # (B, T, 3C): the queries, keys and values of every head, side by side
-        if kv_cache is not None and kv_cache.decodes_fused(x.size(1), self.qk_norm):
+        if kv_cache is not None and not self.qk_norm and kv_cache.decodes_fused(x.size(1)):
             y = kv_cache.decode(self.layer, qkv, input_pos, self.rotary)  # the rotation too, in one kernel
         else:
             y = self.attention(qkv, input_pos, kv_cache)

@@ -186,7 +186,7 @@ class BatchedMuon(torch.optim.Optimizer):
         torch._foreach_mul_(params, self._decay)
         for shape, ortho in zip(shapes, orthos, strict=True):
             same = [params[i] for i in by_shape[shape]]
-            step = ortho.to(same[0].dtype, memory_format=torch.contiguous_format)
+            step = ortho.to(same[0].dtype).contiguous()
             step.mul_(self._lr * -math.sqrt(max(1.0, shape[0] / shape[1])))
             torch._foreach_add_(same, list(step.unbind(0)))
 
@@ -199,13 +199,15 @@ def _assign(target: torch.Tensor, value: float | torch.Tensor) -> None:
         target.fill_(value)
 
 
-def newton_schulz(g: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately orthogonalize each matrix of the batch `g` (n, rows, cols).
+def newton_schulz_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on GPUs, as torch.optim.Muon; float32 on CPUs, where bfloat16 products are slow."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
-    In bfloat16 on GPUs, as torch.optim.Muon; in float32 on CPUs, where bfloat16 products are slow.
-    """
+
+def newton_schulz(g: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately orthogonalize each matrix of the batch `g` (n, rows, cols), in newton_schulz_dtype."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16() if g.is_cuda else g.float()
+    x = g.to(newton_schulz_dtype(g.device))
     tall = g.size(-2) > g.size(-1)
     if tall:
         x = x.mT
@@ -229,20 +231,15 @@ def orthogonalize(batches: list[torch.Tensor], steps: int) -> list[torch.Tensor]
     together: dict[int, list[int]] = {}  # shorter side -> the batches that have it
     for i, w in enumerate(wide):
         together.setdefault(w.size(-2), []).append(i)
-    out: list[torch.Tensor] = [torch.empty(0)] * len(batches)
+    out: dict[int, torch.Tensor] = {}
     for rows, index in together.items():
-        first = batches[index[0]]
+        sizes = [len(wide[i]) for i in index]
         width = max(wide[i].size(-1) for i in index)
-        dtype = torch.bfloat16 if first.is_cuda else torch.float32
-        padded = torch.zeros(sum(len(wide[i]) for i in index), rows, width, dtype=dtype, device=first.device)
-        start = 0
-        for i in index:
-            padded[start : start + len(wide[i]), :, : wide[i].size(-1)] = wide[i]
-            start += len(wide[i])
-        padded = newton_schulz(padded, steps)
-        start = 0
-        for i in index:
-            piece = padded[start : start + len(wide[i]), :, : wide[i].size(-1)]
-            out[i] = piece.mT if tall[i] else piece
-            start += len(wide[i])
-    return out
+        device = batches[index[0]].device
+        padded = torch.zeros(sum(sizes), rows, width, dtype=newton_schulz_dtype(device), device=device)
+        for piece, i in zip(padded.split(sizes), index, strict=True):
+            piece[..., : wide[i].size(-1)] = wide[i]
+        for done, i in zip(newton_schulz(padded, steps).split(sizes), index, strict=True):
+            columns = done[..., : wide[i].size(-1)]  # batch i's own columns, the padding cut off
+            out[i] = columns.mT if tall[i] else columns
+    return [out[i] for i in range(len(batches))]

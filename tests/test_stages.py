@@ -645,17 +645,22 @@ def run_capped(project: Path, stage: str, args: list[str]) -> tuple[subprocess.C
     env = {**tool_env(project), "CUDA_VISIBLE_DEVICES": ""}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, tempfile.TemporaryDirectory() as tmp:
         peak = Path(tmp) / "peak_rss_kb"
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, "-c", _CAPPED.format(ADDRESS_SPACE), str(peak), *cmd],
-            check=False,
             cwd=project,
             env=env,
             stdout=out,
             stderr=err,
-            timeout=600,
+            start_new_session=True,  # a group of its own, the stage with it: a timeout stops both
         )
+        try:
+            proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         out.seek(0), err.seek(0)
         result = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+        assert peak.exists(), f"the capped wrapper did not run the stage: {result.stderr}"
         return result, int(peak.read_text()) * 1024
 
 
