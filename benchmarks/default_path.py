@@ -33,10 +33,9 @@ from typing import Any
 
 import yaml
 
-from benchmarks.experiments import run, scratch_repo, stage_times, sweep
+from benchmarks.experiments import exp_run, run, scratch_repo, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-READY = re.compile(r"ready ([\d.]+) s after launch")
 NANOGPT_ITER = re.compile(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms")
 
 
@@ -52,23 +51,6 @@ def nanogpt_step_ms(checkout: Path, corpus: Path, work: Path, iters: int = 500) 
     wall, lines = run([sys.executable, "train.py", "config/train_shakespeare_char.py", *args], copy)
     times = [float(m[2]) for _, line in lines if (m := NANOGPT_ITER.match(line)) and int(m[1]) >= 50]
     return {"step_ms": round(statistics.median(times), 3), "iterations": iters, "wall_s": round(wall, 2)}
-
-
-def exp_run(repo: Path, env: dict[str, str], *overrides: str) -> dict[str, Any]:
-    """One `dvc exp run`: wall time, each stage's time, the train stage's ready time and its summary."""
-    args = [item for o in overrides for item in ("-S", o)]
-    wall, lines = run(["dvc", "exp", "run", *args], repo, env)
-    summary = json.loads((repo / "metrics" / "train.json").read_text())
-    ready = next((float(m[1]) for _, line in lines if (m := READY.search(line))), None)
-    return {
-        "overrides": list(overrides),
-        "wall_s": round(wall, 2),
-        "stages_s": stage_times(lines, wall),
-        "ready_s": ready,
-        "steps": summary["steps"],
-        "best_val_loss": summary["best_val_loss"],
-        "train_wall_time_s": summary.get("wall_time_s"),
-    }
 
 
 def measure_experiments(repo: Path, env: dict[str, str], record: Callable[[str, Any], None]) -> None:

@@ -38,6 +38,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 STAGE_LINE = re.compile(r"Running stage '(\w+)'")
+READY = re.compile(r"ready ([\d.]+) s after launch")  # the train stage's line at its first step
 
 
 def scratch_repo(source: Path, dest: Path, data_url: str) -> Path:
@@ -88,17 +89,21 @@ def stage_times(lines: list[tuple[float, str]], wall: float) -> dict[str, float]
 
 
 def exp_run(repo: Path, env: dict[str, str], *overrides: str) -> dict[str, Any]:
+    """One `dvc exp run`: wall time, each stage's time, the train stage's ready time and its summary."""
     args = [item for o in overrides for item in ("-S", o)]
     wall, lines = run(["dvc", "exp", "run", *args], repo, env)
     summary = json.loads((repo / "metrics" / "train.json").read_text())
     step_s = summary["tokens_per_step"] / summary["tokens_per_sec"]
     return {
+        "overrides": list(overrides),
         "wall_s": round(wall, 2),
         "stages_s": stage_times(lines, wall),
+        "ready_s": next((float(m[1]) for _, line in lines if (m := READY.search(line))), None),
         "steps": summary["steps"],
         "steady_step_ms": round(1000 * step_s, 3),
         "fixed_cost_s": round(wall - summary["steps"] * step_s, 2),
         "best_val_loss": summary["best_val_loss"],
+        "train_wall_time_s": summary.get("wall_time_s"),
     }
 
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from nanogpt.checkpoint import load_checkpoint
 from nanogpt.config import Config, ModelConfig, SampleConfig
 from nanogpt.errors import UserError
-from nanogpt.model import GPT, NANOGPT_ARCHITECTURE
+from nanogpt.model import GPT, NANOGPT_ARCHITECTURE, ROPE_BASE
 from nanogpt.model_card import model_card, refusal_card
 from nanogpt.tokenizer import CharTokenizer, Tokenizer
 
@@ -45,7 +45,6 @@ EXPRESSIBLE: dict[str, tuple[object, ...]] = {
     "mlp": ("gelu", "relu2"),  # transformers' ACT2FN names: "gelu" is the exact erf form, as F.gelu
     "tie_embeddings": (True, False),
 }
-ROPE_BASE = 10000.0  # model.Rotary's base
 
 
 def refusal(cfg: ModelConfig) -> str | None:

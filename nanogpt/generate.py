@@ -72,11 +72,11 @@ class Engine:
     def __init__(self, model: GPT, batch_size: int, params: SamplingParams, compile: bool = False) -> None:
         self.model, self.batch_size, self.params = model, batch_size, params
         self.forward = runtime.compile(next_logits, dynamic=False) if compile else next_logits
-        self.device, self.use_graphs = model.device, model.device.type == "cuda"
         self._start_afresh()
 
     def _start_afresh(self) -> None:
-        """A new cache and new static buffers, no graphs: for the model's weights as they are now."""
+        """A new cache and new static buffers, no graphs: for the model's weights as they are now, where they are."""
+        self.device, self.use_graphs = self.model.device, self.model.device.type == "cuda"
         B, device = self.batch_size, self.device
         self.weights = self._weights()
         self.cache = new_kv_cache(self.model, B)
@@ -142,7 +142,7 @@ class Engine:
         """Fill the cache with `window` (B, T) at positions 0..T-1 and sample the token after it, the input of
         the next `decode_n_tokens`; write it into `out` (B,) on the device too."""
         positions = torch.arange(window.size(1), device=window.device)
-        self.sample(next_logits(self.model, window, positions, self.cache), gumbel, out=self.tokens[0])
+        sample(next_logits(self.model, window, positions, self.cache), self.params, gumbel, out=self.tokens[0])
         out.copy_(self.tokens[0])
         return self._send(self.tokens[:1])
 
@@ -172,12 +172,7 @@ class Engine:
     def decode_one_token(self, j: int) -> None:
         """Step j of a run: the token after tokens[j], at cache position positions[j], into tokens[j + 1]."""
         logits = self.forward(self.model, self.tokens[j, :, None], self.positions[j : j + 1], self.cache)
-        self.sample(logits, self.gumbel[j], out=self.tokens[j + 1])
-
-    def sample(self, logits: Tensor, gumbel: Tensor, out: Tensor) -> None:
-        """The next token of each sequence, drawn from `logits` (B, V) with the engine's sampling setting and the
-        noise `gumbel` (B, V), into `out` (B,)."""
-        sample(logits, self.params, gumbel, out=out)
+        sample(logits, self.params, self.gumbel[j], out=self.tokens[j + 1])
 
     def _send(self, tokens: Tensor) -> Launched:
         """Start copying tokens (n, B) to a host buffer. The two buffers are used in turn, so a run's tokens can

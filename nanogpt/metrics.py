@@ -142,7 +142,6 @@ class MetricsRecorder:
     def start(self, step: int, compile_steps: int = 0) -> None:
         """Training starts at `step` in this launch; its first `compile_steps` steps compile (left out of the speed)."""
         self.last_step = self.flushed = step
-        self.compiled_at = step + compile_steps
         self.mark = (step, self._training_clock())
         self.progress.launch(step, compile_steps)
 
@@ -160,7 +159,7 @@ class MetricsRecorder:
         i = step - 1 - self.flushed
         self.losses[i], self.norms[i], self.lrs[i] = loss, norm, lr
         self.last_step = step
-        if step == self.compiled_at:  # the speed measures from the first step that did not compile
+        if step == self.progress.compiled_at:  # the speed measures from the first step that did not compile
             self.mark = (step, self._training_clock())
         # off a terminal a line shows the loss where reading it costs nothing (the CPU; a GPU's at the evaluations)
         self.progress.step(step, (lambda: float(loss)) if loss.device.type == "cpu" else None)
@@ -194,7 +193,7 @@ class MetricsRecorder:
         tokens, seconds = (step - self.mark[0]) * self.tokens_per_step, clock - self.mark[1]
         self.intervals.append((tokens, seconds))
         self.mark = (step, clock)
-        speed = f"{tokens / max(seconds, 1e-9):,.0f} tok/s" if step > self.compiled_at else "compiling"
+        speed = f"{tokens / max(seconds, 1e-9):,.0f} tok/s" if step > self.progress.compiled_at else "compiling"
         train_loss = self.train_rows[-1][1]
         self.progress.report(step, f"loss {train_loss:.4f}  val {val_loss:.4f}  bpc {val_bpc:.3f}  {speed}")
         if self.writer is not None:

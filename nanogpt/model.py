@@ -20,13 +20,14 @@ from nanogpt.config import ModelConfig
 # The architecture options (ModelConfig) at the values that make this model nanoGPT's GPT, which is GPT-2's
 # architecture: a checkpoint saved before an option existed was made with this value.
 NANOGPT_ARCHITECTURE = {"rope": False, "qk_norm": False, "mlp": "gelu", "tie_embeddings": True}
+ROPE_BASE = 10000.0  # Rotary's base: the angle of channel pair i at position p is p * ROPE_BASE ** (-2i / hs)
 
 
 class Rotary(nn.Module):
     """Rotary position embeddings (RoFormer): each pair of a head's channels (i, i + hs/2) is rotated by an angle
     proportional to the position, so that a query-key product depends on their distance, not their positions."""
 
-    def __init__(self, head_size: int, block_size: int, base: float = 10000.0) -> None:
+    def __init__(self, head_size: int, block_size: int, base: float = ROPE_BASE) -> None:
         super().__init__()
         frequencies = base ** -(torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
         angles = torch.outer(torch.arange(block_size, dtype=torch.float32), frequencies)  # (block_size, hs/2)

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from nanogpt.config import Config
-from nanogpt.model import GPT
+from nanogpt.model import GPT, ROPE_BASE
 from nanogpt.tokenizer import Tokenizer
 
 # the Hub's copy of the text that params.yaml downloads by default, recognised by its checksum
@@ -127,7 +127,8 @@ def _length(cfg: Config, block_size: int) -> str:
 def _architecture(model: GPT, hf_class: str) -> str:
     m = model.cfg
     positions = (
-        "rotary position embeddings (RoPE, base 10000, the two halves of each head rotated, over the whole head)"
+        f"rotary position embeddings (RoPE, base {ROPE_BASE:g}, the two halves of each head rotated, "
+        "over the whole head)"
         if m.rope
         else f"learned position embeddings ({m.block_size} positions)"
     )

@@ -5,11 +5,10 @@ A model that no standard transformers class expresses (model.qk_norm: true) is n
 experiment still runs: the folder then holds only a README.md naming the option and the way out, and the stage
 prints one `warning:` line."""
 
-import sys
 from pathlib import Path
 
 from nanogpt import cli
-from nanogpt.errors import exit_on_user_error, run_and_exit
+from nanogpt.errors import exit_on_user_error, run_and_exit, warn
 from nanogpt.export import export_checkpoint
 
 
@@ -29,7 +28,7 @@ def main() -> None:
     if refused is None:
         print(f"exported {args.checkpoint} to {args.output}/")
     else:
-        print(f"warning: {args.output}/ holds only a README.md, no model: {refused}", file=sys.stderr)
+        warn(f"{args.output}/ holds only a README.md, no model: {refused}")
 
 
 if __name__ == "__main__":

@@ -114,6 +114,9 @@ TINY_PARAMS: dict[str, Any] = {
 }
 
 STAGES = ("validate", "download", "encode", "train", "sample", "export")
+# the address-space cap of the stages that test_stages.py and test_runtime.py run capped: a regression fails an
+# allocation instead of filling the machine
+ADDRESS_SPACE = 8 << 30
 DELETE = object()  # a set_params value that removes the key
 
 _WORDS = (  # noqa: SIM905  a word list reads better as one string than as 100 quoted literals

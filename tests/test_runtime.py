@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PROJECT_ROOT
+from conftest import ADDRESS_SPACE, PROJECT_ROOT
 from nanogpt import runtime
 from nanogpt.errors import UserError
 from nanogpt.runtime import resolve_device
@@ -120,9 +120,9 @@ def test_cpu_never_asks_for_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_device("cpu") == torch.device("cpu")
 
 
-# a child that resolves argv[1] under an 8 GiB address-space limit, as test_stages.py's capped stages run, and prints it
+# a child that resolves argv[1] under the address-space limit of test_stages.py's capped stages, and prints it
 _CAPPED_RESOLVE = (
-    "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30)); "
+    f"import resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({ADDRESS_SPACE}, {ADDRESS_SPACE})); "
     "from nanogpt.errors import exit_on_user_error; from nanogpt.runtime import resolve_device; "
     "exit_on_user_error(lambda: print(resolve_device(sys.argv[1])))()"
 )

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from conftest import (
+    ADDRESS_SPACE,
     DELETE,
     PROJECT_ROOT,
     TINY_PARAMS,
@@ -614,7 +615,6 @@ def test_sample_metrics_tell_start_up_from_decoding(trained: Path) -> None:
 # ---------------------------------------------------------------- inputs that once ended in a traceback
 
 MAX_RSS = 1536 << 20  # bytes: a stage that refuses at once stays near the size of Python + torch (~600 MiB)
-ADDRESS_SPACE = 8 << 30  # the cap on each child: a regression fails an allocation instead of filling the machine
 
 
 # sets the cap, then runs the stage as a child of its own and writes that child's peak RSS (kB) into the file argv[1].
